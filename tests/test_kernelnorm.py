@@ -1,0 +1,146 @@
+"""KernelNorm layers against a slow reference that literally cuts out and normalizes every unit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedkn.nn import KernelNorm2d, KNConv2d
+
+
+def reference_units(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], pad: tuple[int, int, int, int], eps: float):
+    """Python loop over windows: pad, cut each unit (all channels), standardize it, lay units side by side."""
+    x = F.pad(x, pad)
+    n, c, h, w = x.shape
+    kh, kw = k
+    h_out, w_out = (h - kh) // s[0] + 1, (w - kw) // s[1] + 1
+    out = torch.empty(n, c, kh * h_out, kw * w_out, dtype=x.dtype)
+    for b in range(n):
+        for i in range(h_out):
+            for j in range(w_out):
+                unit = x[b, :, i * s[0] : i * s[0] + kh, j * s[1] : j * s[1] + kw]
+                mu, var = unit.mean(), unit.var(unbiased=False)
+                out[b, :, i * kh : (i + 1) * kh, j * kw : (j + 1) * kw] = (unit - mu) / torch.sqrt(var + eps)
+    return out
+
+
+def reference_knconv(x, layer: KNConv2d) -> torch.Tensor:
+    units = reference_units(x, layer.kernel_size, layer.stride, layer.padding, layer.eps)
+    return F.conv2d(units, layer.weight, layer.bias, stride=layer.kernel_size, groups=layer.groups)
+
+
+CASES = [
+    # in, out, kernel, stride, padding, groups
+    (3, 5, 3, 1, 1, 1),
+    (4, 6, 2, 1, (1, 0, 1, 0), 1),
+    (4, 6, 2, 1, (0, 1, 0, 1), 2),
+    (3, 4, 3, 2, 1, 1),
+    (4, 4, 1, 1, 0, 1),
+    (6, 9, 3, 2, (2, 1, 0, 1), 3),
+    (2, 3, (3, 2), (2, 1), (1, 1, 0, 2), 1),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_knconv_matches_unfold_reference(case):
+    torch.manual_seed(0)
+    cin, cout, k, s, p, g = case
+    layer = KNConv2d(cin, cout, k, s, p, groups=g, dropout_p=0.1).double().eval()
+    layer.bias.data.normal_()
+    x = torch.randn(2, cin, 7, 6, dtype=torch.float64) * 3 + 1
+    torch.testing.assert_close(layer(x), reference_knconv(x, layer), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_knconv_float32_close_to_reference(case):
+    torch.manual_seed(1)
+    cin, cout, k, s, p, g = case
+    layer = KNConv2d(cin, cout, k, s, p, groups=g).eval()
+    x = torch.rand(3, cin, 8, 8)  # raw [0,1] pixels, as KN models get them
+    torch.testing.assert_close(layer(x), reference_knconv(x.double(), layer.double()).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_knconv_dropout_zero_train_equals_eval():
+    layer = KNConv2d(3, 4, 3, 1, 1, dropout_p=0.0)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer.train()(x), layer.eval()(x))
+
+
+def test_knconv_training_dropout_perturbs_output_reproducibly():
+    """Training-mode dropout on the statistics changes the output; under a fixed seed it repeats."""
+    torch.manual_seed(0)
+    layer = KNConv2d(3, 4, 2, 1, 0, dropout_p=0.5).train()
+    x = torch.randn(2, 3, 5, 5)
+    assert not torch.allclose(layer(x), layer.eval()(x))
+    layer.train()
+    torch.manual_seed(3)
+    a = layer(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(x), a)  # seeded dropout is reproducible
+
+
+@pytest.mark.parametrize(
+    "k,s,p",
+    [(3, 1, 1), (2, 2, 0), (2, 1, (1, 0, 1, 0)), (1, 1, 0), (3, 2, (0, 1, 2, 0))],
+)
+def test_kernelnorm2d_layout_matches_reference(k, s, p):
+    torch.manual_seed(0)
+    layer = KernelNorm2d(k, s, p).eval()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    pad = layer.padding
+    torch.testing.assert_close(layer(x), reference_units(x, layer.kernel_size, layer.stride, pad, layer.eps))
+
+
+def test_kernelnorm2d_then_conv_equals_knconv():
+    """The spec's definition: KNConv2d == KernelNorm2d(k, s, p) followed by Conv2d(k, stride k)."""
+    torch.manual_seed(0)
+    layer = KNConv2d(4, 5, 3, 2, (1, 0, 1, 1), groups=1).double().eval()
+    norm = KernelNorm2d(3, 2, (1, 0, 1, 1)).eval()
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    expected = F.conv2d(norm(x), layer.weight, layer.bias, stride=3)
+    torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("case", [(2, 3, 2, 1, (1, 0, 1, 0), 1), (4, 4, 3, 2, 1, 2), (3, 2, 1, 1, 0, 1)])
+def test_knconv_gradcheck(case):
+    torch.manual_seed(0)
+    cin, cout, k, s, p, g = case
+    layer = KNConv2d(cin, cout, k, s, p, groups=g).double().eval()
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_()
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+
+    def fn(inp, weight, bias):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_kernelnorm2d_gradcheck():
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(KernelNorm2d(2, 1, (1, 0, 1, 0)).eval(), (x,))
+
+
+def test_knconv_is_not_a_conv2d_and_has_conv_shaped_params():
+    layer = KNConv2d(4, 8, 3, 1, 1, groups=2)
+    assert not isinstance(layer, torch.nn.Conv2d)
+    assert layer.weight.shape == (8, 2, 3, 3) and layer.bias.shape == (8,)
+    assert "dropout_p" in repr(layer)
+
+
+def test_knconv_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        KNConv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="dropout_p"):
+        KNConv2d(3, 4, 3, dropout_p=1.0)
+    with pytest.raises(ValueError, match="padding"):
+        KNConv2d(3, 4, 3, padding=(1, 2, 3))
+
+
+def test_knconv_scripts_and_compiles_shape():
+    """No Python loop over windows: torch.jit.trace gives the same result as eager."""
+    layer = KNConv2d(3, 4, 3, 1, 1).eval()
+    x = torch.rand(2, 3, 8, 8)
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
