@@ -61,19 +61,56 @@ def _check_dropout(p: float) -> float:
     return float(p)
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-position mean and mean square over channels of ``x * keep * scale``.
+
+    Written as one autograd node so backward is a single fused pass over the input
+    (``grad = keep * scale / C * (g_mean + 2 * scale * x * g_sq)``) and only ``x`` (which the
+    convolution saves anyway) plus a 1-byte dropout mask are kept, instead of a float dropped-out
+    copy and its square. ``generate_vmap_rule`` keeps it usable under ``torch.func`` (Opacus).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        src = x if keep is None else x * keep * scale
+        var, mean = torch.var_mean(src, dim=1, keepdim=True, correction=0)
+        return mean, var + mean * mean
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, keep, scale = inputs
+        ctx.save_for_backward(x, keep)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_sq: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        x, keep = ctx.saved_tensors
+        channels = x.shape[1]
+        if keep is None:
+            return torch.addcmul(g_mean, x, g_sq, value=2.0) / channels, None, None
+        s = ctx.scale
+        return torch.addcmul(g_mean, x, g_sq, value=2.0 * s) * keep * (s / channels), None, None
+
+
 def unit_statistics(
     x_pad: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], dropout_p: float, training: bool
 ) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of every unit of an already padded input, shape (N, 1, H_out, W_out).
 
     Average-pooling the per-position channel mean gives the mean over all ``C*kh*kw`` values of a
-    window (every position holds C values, so the two-stage average is exact). In training mode the
-    statistics come from a dropped-out copy, which acts as a regularizer; the caller keeps using the
-    original input for the convolution.
+    window (every position holds C values, so the two-stage average is exact); likewise for the mean
+    square, and ``var = E[x^2] - E[x]^2``. In training mode the statistics come from a dropped-out
+    copy (a regularizer); the caller keeps using the original input for the convolution.
     """
-    src = F.dropout(x_pad, dropout_p, training=True) if training and dropout_p > 0 else x_pad
-    mean = F.avg_pool2d(src.mean(dim=1, keepdim=True), kernel_size, stride)
-    mean_sq = F.avg_pool2d(src.square().mean(dim=1, keepdim=True), kernel_size, stride)
+    keep, scale = None, 1.0
+    if training and dropout_p > 0:
+        keep = torch.empty_like(x_pad, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        scale = 1.0 / (1.0 - dropout_p)
+    moment1, moment2 = _ChannelMoments.apply(x_pad, keep, scale)
+    mean = F.avg_pool2d(moment1, kernel_size, stride)
+    mean_sq = F.avg_pool2d(moment2, kernel_size, stride)
     return mean, (mean_sq - mean.square()).clamp_min(0.0)
 
 
@@ -177,9 +214,7 @@ class KNConv2d(nn.Module):
         out = F.conv2d(x_pad, self.weight, None, self.stride, 0, 1, self.groups)
         weight_sum = self.weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
         out = (out - mean * weight_sum) * torch.rsqrt(var + self.eps)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,184 @@
+"""KNConv2d speed and memory against the unfold formulation and Conv2d+BatchNorm2d, in one run.
+
+For every distinct convolution shape of KNResNet-18 (32x32 inputs, batch 32 by default) it times a
+forward+backward pass of
+
+- ``KNConv2d`` (pooled statistics, units never materialized),
+- the unfold formulation (``KernelNorm2d`` laying out every unit, then a kernel-k stride-k conv),
+- ``Conv2d`` followed by ``BatchNorm2d`` on the same padded input (the layer KN replaces),
+
+and prints ratios, plus the same for one whole training step of KNResNet-18 vs ResNet-18-BN.
+
+Memory: on CUDA, peak allocated bytes; on CPU (no allocator statistics), the bytes of the tensors
+autograd saves for backward plus the output, deduplicated by storage, which is what dominates the
+training-time peak. Targets (issue 2): KNConv2d >= 5x faster than unfold, <= 1.3x Conv2d+BN time,
+<= 1.5x Conv2d+BN memory.
+
+    python benchmarks/knconv.py              # full table
+    python benchmarks/knconv.py --quick      # smoke run: batch 4, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedkn.models import build
+from fedkn.nn import KernelNorm2d, KNConv2d
+
+# (in, out, kernel, padding (left, right, top, bottom), input size) of KNResNet-18's convolutions.
+SHAPES = [
+    (3, 64, 3, (1, 1, 1, 1), 32),
+    (64, 256, 2, (1, 1, 1, 1), 32),
+    (256, 64, 2, (0, 0, 0, 0), 33),
+    (64, 256, 2, (1, 0, 1, 0), 32),
+    (256, 256, 2, (1, 1, 1, 1), 16),
+    (256, 256, 2, (0, 0, 0, 0), 17),
+    (256, 512, 2, (0, 1, 0, 1), 16),
+    (512, 512, 2, (1, 1, 1, 1), 8),
+    (512, 512, 2, (0, 0, 0, 0), 9),
+    (512, 724, 2, (1, 0, 1, 0), 8),
+    (724, 724, 2, (1, 1, 1, 1), 4),
+    (724, 724, 2, (0, 0, 0, 0), 5),
+    (724, 512, 2, (1, 1, 1, 1), 2),
+]
+
+
+class UnfoldKNConv(nn.Module):
+    """The reference formulation: lay out all units (kh*kw times the input), then conv k, stride k."""
+
+    def __init__(self, cin: int, cout: int, k: int, pad: tuple[int, int, int, int], dropout_p: float) -> None:
+        super().__init__()
+        self.norm = KernelNorm2d(k, 1, pad, dropout_p)
+        self.conv = nn.Conv2d(cin, cout, k, stride=k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.norm(x))
+
+
+class PadConvBN(nn.Module):
+    """Conv2d + BatchNorm2d on the same (possibly asymmetrically) padded input as the KN layers."""
+
+    def __init__(self, cin: int, cout: int, k: int, pad: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.pad = pad
+        self.conv = nn.Conv2d(cin, cout, k, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(F.pad(x, self.pad)))
+
+
+def saved_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes autograd keeps for backward plus the output, counting each storage once."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def measure(module: nn.Module, x: Tensor, repeats: int, device: torch.device) -> tuple[float, int]:
+    """Median seconds of forward+backward, and peak memory (CUDA) or saved bytes (CPU)."""
+    module.to(device).train()
+    x = x.to(device).requires_grad_()
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+
+    step()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        memory = torch.cuda.max_memory_allocated() - base
+    else:
+        memory = saved_bytes(lambda: module(x))
+    return statistics.median(times), memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="batch 4, 1 repeat, first 3 shapes, width-0.25 models")
+    parser.add_argument("--dropout", type=float, default=0.05, help="KernelNorm dropout_p (KNResNet-18 default)")
+    args = parser.parse_args()
+    batch, repeats, shapes, width = args.batch, args.repeats, SHAPES, 1.0
+    if args.quick:
+        batch, repeats, shapes, width = 4, 1, SHAPES[:3], 0.25
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mem_label = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats} (median of repeats)")
+    header = (
+        f"{'shape (in->out k pad @HxW)':34} {'KN ms':>8} {'unfold ms':>10} {'conv+BN ms':>10} "
+        f"{'unfold/KN':>9} {'KN/convBN':>9} {'KN ' + mem_label:>13} {'convBN ' + mem_label:>17} {'mem KN/convBN':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    totals = {"kn": 0.0, "unfold": 0.0, "bn": 0.0, "kn_mem": 0, "bn_mem": 0}
+    for cin, cout, k, pad, size in shapes:
+        torch.manual_seed(0)
+        x = torch.rand(batch, cin, size, size)
+        kn_t, kn_m = measure(KNConv2d(cin, cout, k, 1, pad, dropout_p=args.dropout), x, repeats, device)
+        un_t, _ = measure(UnfoldKNConv(cin, cout, k, pad, args.dropout), x, repeats, device)
+        bn_t, bn_m = measure(PadConvBN(cin, cout, k, pad), x, repeats, device)
+        totals["kn"] += kn_t
+        totals["unfold"] += un_t
+        totals["bn"] += bn_t
+        totals["kn_mem"] += kn_m
+        totals["bn_mem"] += bn_m
+        label = f"{cin}->{cout} k{k} pad{pad} @{size}x{size}"
+        print(
+            f"{label:34} {kn_t * 1e3:8.2f} {un_t * 1e3:10.2f} {bn_t * 1e3:10.2f} {un_t / kn_t:9.2f} "
+            f"{kn_t / bn_t:9.2f} {kn_m / 2**20:13.1f} {bn_m / 2**20:17.1f} {kn_m / bn_m:13.2f}"
+        )
+    print("-" * len(header))
+    print(
+        f"{'all shapes (sum)':34} {totals['kn'] * 1e3:8.2f} {totals['unfold'] * 1e3:10.2f} {totals['bn'] * 1e3:10.2f} "
+        f"{totals['unfold'] / totals['kn']:9.2f} {totals['kn'] / totals['bn']:9.2f} {totals['kn_mem'] / 2**20:13.1f} "
+        f"{totals['bn_mem'] / 2**20:17.1f} {totals['kn_mem'] / totals['bn_mem']:13.2f}"
+    )
+
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32)
+    kn_t, kn_m = measure(build("knresnet18", "kn", width=width), x, repeats, device)
+    bn_t, bn_m = measure(build("resnet18", "bn", width=width), x, repeats, device)
+    print(
+        f"\nwhole training step (fwd+bwd, width {width}): KNResNet-18 {kn_t * 1e3:.1f} ms, {kn_m / 2**20:.1f} {mem_label}; "
+        f"ResNet-18-BN {bn_t * 1e3:.1f} ms, {bn_m / 2**20:.1f} {mem_label}; "
+        f"time ratio KN/BN {kn_t / bn_t:.2f}, memory ratio {kn_m / bn_m:.2f}"
+    )
+    print(
+        "targets: unfold/KN >= 5 -> {}; KN/convBN time <= 1.3 -> {}; KN/convBN memory <= 1.5 -> {}".format(
+            "met" if totals["unfold"] / totals["kn"] >= 5 else "NOT met",
+            "met" if totals["kn"] / totals["bn"] <= 1.3 else "NOT met",
+            "met" if totals["kn_mem"] / totals["bn_mem"] <= 1.5 else "NOT met",
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
