@@ -1,0 +1,155 @@
+"""``fedkn run``: one federated run on Flower's simulation engine, in this process.
+
+    fedkn run                                  # the default: KernelNorm ResNet-8 on digits
+    fedkn run --config configs/quickstart.toml --norm gn --set num-rounds=5 --set lr=0.02
+    fedkn run --norm fedbn                     # BatchNorm with the FedBN strategy
+    fedkn run --resume runs/20250101-120000-resnet8-kn-fedavg
+
+Prints one line per round (centralized test accuracy and loss, clients' accuracy, train loss,
+elapsed time) and a summary; writes the run directory (see :mod:`fedkn.results`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+from fedkn.errors import FedknError
+
+#: Keys that may change when resuming: they do not alter the rounds already run.
+RESUMABLE_KEYS: frozenset[str] = frozenset({"num_rounds", "round_timeout", "client_num_cpus", "client_num_gpus"})
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a federated simulation (Flower + Ray) and write its results directory",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Config keys (kebab-case, as in pyproject's [tool.flwr.app.config]): see configs/*.toml.\n"
+            "Precedence: defaults < --config file < --norm < --set."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="preset TOML file, e.g. configs/quickstart.toml")
+    p.add_argument("--norm", help="normalization: kn, bn, gn, ln, none, wsgn, or fedbn (= bn with the FedBN strategy)")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)"
+    )
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished round")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.set_defaults(func=run_command)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
+    """(RunConfig, RunDir, resumed) from the parsed arguments."""
+    from fedkn.config import RunConfig, parse_sets
+    from fedkn.results import RunDir
+
+    if args.resume:
+        if args.config or args.norm:
+            raise FedknError("--resume continues a run with its saved config; drop --config/--norm")
+        run_dir = RunDir.open(args.resume)
+        saved = run_dir.read_config()
+        changes = parse_sets(args.sets)
+        locked = sorted(k.replace("_", "-") for k in changes if k not in RESUMABLE_KEYS)
+        if locked:
+            allowed = ", ".join(sorted(k.replace("_", "-") for k in RESUMABLE_KEYS))
+            raise FedknError(f"cannot change {', '.join(locked)} when resuming (only {allowed})")
+        cfg = RunConfig.from_dict({**saved.to_flower(), **changes})
+        if cfg != saved:
+            run_dir.write_config(cfg)
+        return cfg, run_dir, True
+    overrides = {"norm": args.norm} if args.norm else None
+    cfg = RunConfig.from_sources(args.config, overrides, args.sets)
+    return cfg, RunDir.create(cfg), False
+
+
+def _mark_interrupted(run_dir: Any) -> None:
+    """Record the interruption in summary.json and redraw the plot from the finished rounds."""
+    import json
+
+    try:
+        summary = json.loads(run_dir.summary_path.read_text()) if run_dir.summary_path.exists() else {}
+        summary["status"] = "interrupted"
+        run_dir.write_summary(summary)
+        run_dir.plot()
+    except Exception:  # noqa: BLE001 - metrics.csv and model.pt are already safe on disk
+        pass
+
+
+def _interrupted(run_dir: Any) -> None:
+    _mark_interrupted(run_dir)
+    print(f"\nfedkn: interrupted; finished rounds are in {run_dir.path} (continue with --resume)", file=sys.stderr)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    cfg, run_dir, resumed = resolve(args)
+
+    # Heavy imports (torch, Flower, Ray) only once the arguments are known to be good.
+    from fedkn.app import client_app
+    from fedkn.app.server_app import ServerOutcome, make_server_app, print_progress
+    from fedkn.app.simulation import simulate
+
+    ckpt_round = 0
+    if resumed:
+        ckpt = run_dir.load_checkpoint()
+        ckpt_round = ckpt.round if ckpt is not None else 0
+        if ckpt_round >= cfg.num_rounds:
+            print(f"fedkn: {run_dir.path} already finished {ckpt_round} of {cfg.num_rounds} rounds; nothing to do")
+            print("  (extend it with --set num-rounds=N)")
+            return 0
+    print(
+        f"fedkn run: {cfg.model} x{cfg.width:g} with {cfg.norm}, {cfg.strategy}, {cfg.dataset} over "
+        f"{cfg.num_clients} clients ({cfg.partition}), {cfg.num_rounds} rounds, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}"
+    )
+    print(f"results: {run_dir.path}" + (f"  (resuming after round {ckpt_round})" if resumed else ""), flush=True)
+
+    outcome = ServerOutcome()
+    server_app = make_server_app(cfg, run_dir, progress=print_progress, outcome=outcome)
+    t0 = time.perf_counter()
+    try:
+        simulate(
+            server_app,
+            client_app.app,
+            num_clients=cfg.num_clients,
+            num_cpus=cfg.client_num_cpus,
+            num_gpus=cfg.client_num_gpus,
+            log_file=run_dir.path / "flower.log",
+            verbose=args.verbose,
+            on_interrupt=lambda: _interrupted(run_dir),
+        )
+    except FedknError as err:
+        raise FedknError(f"{err} (results so far: {run_dir.path})") from None
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+        return 130
+    except Exception as err:  # noqa: BLE001 - Flower/Ray infrastructure failure: one line, details in the log
+        if isinstance(outcome.error, FedknError):
+            raise FedknError(f"{outcome.error} (results so far: {run_dir.path})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FedknError(
+            f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'}; results so far: {run_dir.path})"
+        ) from None
+    wall = time.perf_counter() - t0
+    if isinstance(outcome.error, FedknError):  # raised in the server thread but swallowed upstream
+        raise FedknError(f"{outcome.error} (results so far: {run_dir.path})")
+    s = outcome.summary
+    if not s or s.get("status") != "finished":
+        raise FedknError(f"the run did not finish (status {s.get('status', 'unknown')}); see {run_dir.path}")
+    best = f" (best {_pct(s['best_test_accuracy'])} at round {s['best_round']})" if s.get("best_round") is not None else ""
+    print(
+        f"done: {s['rounds_completed']} rounds in {wall:.1f}s wall  |  final test acc {_pct(s['final_test_accuracy'])}{best}"
+        f"  |  clients acc {_pct(s['final_fed_eval_accuracy'])}  |  {s['total_bytes_sent'] / 1e6:.1f} MB sent"
+    )
+    if s.get("note"):
+        print(f"note: {s['note']}")
+    print(f"results: {run_dir.path}  (metrics.csv, summary.json, metrics.png, model.pt)")
+    return 0

@@ -1,0 +1,27 @@
+"""Server strategies for fedkn, built on Flower's own (``flwr.serverapp.strategy``).
+
+``build_strategy(cfg)`` returns FedAvg (default, weighted by examples), FedProx, FedAvgM, FedAdam
+or FedBN, each with fedkn's deterministic sampling, sorted aggregation, round offset (resume),
+byte accounting and error handling (:class:`~strategies.base.FedknStrategy`).
+"""
+
+from strategies.base import ClientFailure, FedknStrategy, RoundRecord, to_array_record
+from strategies.factory import FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, build_strategy
+from strategies.fedbn import FedBN, batchnorm_keys
+from strategies.sampling import sample_partitions, sample_size
+
+__all__ = [
+    "ClientFailure",
+    "FedBN",
+    "FedknFedAdam",
+    "FedknFedAvg",
+    "FedknFedAvgM",
+    "FedknFedProx",
+    "FedknStrategy",
+    "RoundRecord",
+    "batchnorm_keys",
+    "build_strategy",
+    "sample_partitions",
+    "sample_size",
+    "to_array_record",
+]

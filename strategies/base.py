@@ -1,0 +1,225 @@
+"""What fedkn adds to every Flower strategy, as a mixin placed before the Flower class.
+
+- **Deterministic sampling**: Flower picks nodes with the unseeded global ``random``; fedkn keeps
+  Flower's sample *size* but picks partition ids with :func:`~strategies.sampling.sample_partitions`
+  (seeded by run seed and round) and maps them to node ids (learned from the nodes themselves).
+- **Deterministic aggregation**: replies arrive in whatever order the clients finish; they are
+  sorted by partition id before Flower averages them, so float sums do not depend on timing.
+- **Round offset**: a resumed run restarts Flower's loop at 1; ``round_offset`` makes every round
+  number the strategy sees (and sends to clients) the true one.
+- **Accounting**: per-round aggregated train/eval metrics, bytes of arrays sent both ways, and
+  the number of clients that trained, collected in :attr:`records` for the results writer.
+- **Client-local arrays** (``local_keys``): never sent to clients, never expected back, kept in
+  the global model unchanged (FedBN's BatchNorm state; empty for the other strategies).
+- **Errors**: a client's error reply stops the run with one clear line instead of being skipped.
+- **Server state** for checkpoints: FedAvgM's momentum, FedAdam's moments (:meth:`state_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+
+from fedkn.errors import FedknError
+from strategies.sampling import sample_partitions
+
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced, for metrics.csv."""
+
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    clients_trained: int = 0
+    clients_evaluated: int = 0
+
+
+class ClientFailure(FedknError):
+    """A client replied with an error; the message is the client's own one-line reason."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def _arrays_nbytes(record: ArrayRecord) -> int:
+    return int(record.count_bytes())
+
+
+def _reply_arrays(msg: Message) -> Iterable[ArrayRecord]:
+    return msg.content.array_records.values()
+
+
+class FedknStrategy:
+    """Mixin: put it first, e.g. ``class FedknFedAvg(FedknStrategy, FedAvg)``."""
+
+    def __init__(self, *args: Any, seed: int = 0, local_keys: Iterable[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+        self.local_keys: frozenset[str] = frozenset(local_keys)
+        self.round_offset = 0
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self.records: dict[int, RoundRecord] = {}
+        self._global_arrays: ArrayRecord | None = None
+
+    # -- wiring -------------------------------------------------------------------------------------
+    def bind(self, partition_of: Mapping[int, int], *, round_offset: int = 0) -> None:
+        """Node id -> partition id of every client, and the number of rounds already done."""
+        self.partition_of = {int(n): int(p) for n, p in partition_of.items()}
+        self.node_of = {p: n for n, p in self.partition_of.items()}
+        if len(self.node_of) != len(self.partition_of):
+            raise FedknError("two SuperNodes report the same partition id; check their node config")
+        self.round_offset = int(round_offset)
+
+    def record(self, server_round: int) -> RoundRecord:
+        return self.records.setdefault(server_round, RoundRecord())
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.node_of)
+
+    # -- sampling -------------------------------------------------------------------------------------
+    def _resample(self, messages: list[Message], server_round: int, phase: str) -> list[Message]:
+        """Same number of messages as Flower chose, sent to the seeded sample of partitions."""
+        if not messages or not self.node_of:
+            return messages
+        pids = sample_partitions(
+            self.num_partitions, len(messages), seed=self.seed, server_round=server_round, phase=phase
+        )
+        content = messages[0].content
+        mtype = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
+        return list(self._construct_messages(content, [self.node_of[p] for p in pids], mtype))  # type: ignore[attr-defined]
+
+    def _strip_local(self, arrays: ArrayRecord) -> ArrayRecord:
+        if not self.local_keys:
+            return arrays
+        return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
+
+    def _checked(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
+        """Raise on any client error; otherwise the replies sorted by partition id."""
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                pid = self.partition_of.get(msg.metadata.src_node_id, "?")
+                reason = str(msg.error.reason)
+                line = _last_line(reason)
+                raise ClientFailure(f"client {pid} failed in round {server_round} ({phase}): {line}", detail=reason)
+        return sorted(replies, key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
+
+    # -- train ------------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+        r = server_round + self.round_offset
+        self._global_arrays = arrays
+        send = self._strip_local(arrays)
+        messages = self._resample(list(super().configure_train(r, send, config, grid)), r, "train")  # type: ignore[misc]
+        self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = server_round + self.round_offset
+        replies = self._checked(replies, r, "train")
+        rec = self.record(r)
+        rec.bytes_sent += sum(_arrays_nbytes(a) for m in replies for a in _reply_arrays(m))
+        rec.clients_trained = len(replies)
+        if not replies:
+            raise FedknError(f"no client replied in round {r} within round-timeout; raise round-timeout or check the clients")
+        weighted = [m for m in replies if _weight(m) > 0]
+        if not weighted:  # every sampled client had no training data: keep the model
+            return None, None
+        arrays, metrics = super().aggregate_train(r, weighted)  # type: ignore[misc]
+        if arrays is not None and self.local_keys and self._global_arrays is not None:
+            merged = ArrayRecord()
+            for k, v in self._global_arrays.items():  # keep the global key order
+                merged[k] = v if k in self.local_keys else arrays[k]
+            arrays = merged
+        if metrics is not None:
+            rec.train = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        return arrays, metrics
+
+    # -- evaluate ------------------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+        r = server_round + self.round_offset
+        send = self._strip_local(arrays)
+        messages = self._resample(list(super().configure_evaluate(r, send, config, grid)), r, "evaluate")  # type: ignore[misc]
+        self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        r = server_round + self.round_offset
+        replies = self._checked(replies, r, "evaluate")
+        rec = self.record(r)
+        rec.clients_evaluated = len(replies)
+        weighted = [m for m in replies if _weight(m) > 0]
+        if not weighted:
+            return None
+        metrics = super().aggregate_evaluate(r, weighted)  # type: ignore[misc]
+        if metrics is not None:
+            rec.evaluate = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        return metrics
+
+    # -- server optimizer state, for checkpoints ---------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Server-side state that a resumed run needs (FedAvgM momentum, FedAdam moments)."""
+        out: dict[str, np.ndarray] = {}
+        momentum = getattr(self, "momentum_vector", None)
+        if momentum is not None:
+            for i, a in enumerate(momentum):
+                out[f"momentum_vector.{i}"] = np.asarray(a)
+        for name in ("m_t", "v_t"):
+            moments = getattr(self, name, None)
+            if moments:
+                for k, a in moments.items():
+                    out[f"{name}.{k}"] = np.asarray(a)
+        return out
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        momentum: dict[int, np.ndarray] = {}
+        moments: dict[str, dict[str, np.ndarray]] = {"m_t": {}, "v_t": {}}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head == "momentum_vector":
+                momentum[int(rest)] = np.asarray(value)
+            elif head in moments:
+                moments[head][rest] = np.asarray(value)
+            else:
+                raise FedknError(f"checkpoint holds unknown strategy state '{key}'; was it written by another strategy?")
+        if momentum:
+            if not hasattr(self, "momentum_vector"):
+                raise FedknError("checkpoint holds FedAvgM momentum but the strategy is not fedavgm")
+            self.momentum_vector = [momentum[i] for i in sorted(momentum)]
+        for name, d in moments.items():
+            if d:
+                if not hasattr(self, name):
+                    raise FedknError("checkpoint holds FedAdam moments but the strategy is not fedadam")
+                setattr(self, name, d)
+
+
+def _weight(msg: Message) -> float:
+    record = next(iter(msg.content.metric_records.values()), None)
+    if record is None or WEIGHT_KEY not in record:
+        return 0.0
+    return float(record[WEIGHT_KEY])  # type: ignore[arg-type]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "FedknError:" in ln:
+            return ln.split("FedknError:", 1)[1].strip().rstrip("'>")
+    return lines[-1].rstrip("'>") if lines else "unknown error"
+
+
+def to_array_record(state: Mapping[str, Any]) -> ArrayRecord:
+    """name -> ndarray/tensor mapping as an ArrayRecord (key order kept)."""
+    out = ArrayRecord()
+    for k, v in state.items():
+        out[k] = Array(np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v))
+    return out

@@ -1,0 +1,62 @@
+"""``build_strategy(cfg)``: the configured Flower strategy with fedkn's additions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+
+from fedkn.config import RunConfig
+from fedkn.errors import FedknError
+from strategies.base import FedknStrategy
+from strategies.fedbn import FedBN
+
+
+class FedknFedAvg(FedknStrategy, FedAvg):
+    """FedAvg (McMahan et al. 2017), weighted by each client's number of training examples."""
+
+
+class FedknFedProx(FedknStrategy, FedProx):
+    """FedProx: FedAvg on the server; clients add (mu/2)||w - w_global||^2 to their loss."""
+
+
+class FedknFedAvgM(FedknStrategy, FedAvgM):
+    """FedAvg with server momentum (Hsu et al. 2019)."""
+
+
+class FedknFedAdam(FedknStrategy, FedAdam):
+    """Adam on the server over the averaged client update (Reddi et al. 2021)."""
+
+
+def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknStrategy:
+    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN)."""
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.num_clients,
+        seed=cfg.seed,
+    )
+    name = cfg.strategy
+    if name == "fedavg":
+        return FedknFedAvg(**common)
+    if name == "fedprox":
+        return FedknFedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name == "fedavgm":
+        return FedknFedAvgM(**common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+    if name == "fedadam":
+        return FedknFedAdam(
+            **common,
+            eta=cfg.fedadam_eta,
+            eta_l=cfg.lr,
+            beta_1=cfg.fedadam_beta1,
+            beta_2=cfg.fedadam_beta2,
+            tau=cfg.fedadam_tau,
+        )
+    if name == "fedbn":
+        keys = list(local_keys)
+        if not keys:
+            raise FedknError(f"strategy 'fedbn' needs a model with BatchNorm layers (norm 'bn'); norm is '{cfg.norm}'")
+        return FedBN(**common, local_keys=keys)
+    raise FedknError(f"unknown strategy '{name}'")  # RunConfig validation makes this unreachable
