@@ -1,0 +1,82 @@
+"""Smoke test of the performance benchmarks (benchmarks/*.py): each runs with its tiniest --quick
+settings and prints its table and ratio lines. No timing assertions (timings on a shared CI box mean
+nothing); the numbers come from running the scripts by hand, see benchmarks/README.md.
+
+The scripts run in this process (imported from their files: no interpreter and torch/Flower import
+per script); the fedkn runs they start stop their own Ray processes (checked here too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """benchmarks/<name>.py as module ``name`` (scale.py imports simulation_overhead by that name)."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", "") == str(BENCHMARKS / f"{name}.py"):
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setattr(sys, "argv", ["benchmark"])
+    yield
+    import ray
+
+    if ray.is_initialized():  # a failed run must not leave Ray running
+        ray.shutdown()
+
+
+def _own_ray_processes() -> list[str]:
+    """Descendants of this process that are Ray's (none may outlive a benchmark)."""
+    overhead = _load("simulation_overhead")
+    tree = overhead.process_tree(os.getpid())
+    names = [overhead._name(pid) for pid in tree if pid != os.getpid()]
+    return [n for n in names if "ray" in n.lower() or n in ("gcs_server", "raylet")]
+
+
+def test_throughput_quick(capsys):
+    assert _load("throughput").main(["--quick", "--norms", "kn,bn,none", "--batches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio vs bn, batch 8: kn " in out
+    for norm in ("kn", "bn", "none"):
+        assert any(line.startswith(f"{norm} ") for line in out.splitlines())
+
+
+@pytest.mark.slow
+def test_simulation_overhead_quick(capsys):
+    assert _load("simulation_overhead").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "time per round, rounds 2..R (s)" in out
+    assert "ratio fedkn/loop time per round = " in out
+    assert "target: fedkn time per round <= 1.15x plain loop -> " in out
+    assert "same work check: final test loss equal on every run (|diff| < 1e-3): yes" in out
+    assert _own_ray_processes() == []
+
+
+@pytest.mark.slow
+def test_scale_quick(capsys):
+    assert _load("scale").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "target: peak RSS < 4 GiB -> " in out
+    assert "ratio peak RSS 8/4 clients = " in out
+    assert "target: flat memory, RSS ratio <= 1.10 -> " in out
+    assert _own_ray_processes() == []
