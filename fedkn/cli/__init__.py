@@ -17,7 +17,7 @@ from fedkn import __version__
 from fedkn.errors import FedknError
 
 #: Subcommand modules, in the order ``fedkn --help`` lists them.
-COMMANDS: tuple[str, ...] = ("partition",)
+COMMANDS: tuple[str, ...] = ("partition", "run", "compare", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

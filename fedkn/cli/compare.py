@@ -1,0 +1,279 @@
+"""``fedkn compare``: the same federated run over a grid of norms x partitions x seeds, and a report.
+
+    fedkn compare --set num-rounds=10                       # default grid, 6 x 5 x 3 = 90 runs
+    fedkn compare --config configs/compare-digits.toml --norms kn,gn,bn --partitions iid,dir0.1 --seeds 3
+    fedkn compare ... --lr-grid log:0.005:0.2:5 --tune-rounds 5 --tune-on dir0.1
+    fedkn compare ... --only norm=kn,partition=dir0.1,seed=0 --out /tmp/rerun
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedkn.errors import FedknError
+
+DESCRIPTION = """\
+Run one federated configuration over a grid of normalizations x partitions x seeds, with
+everything else identical, and write a report comparing them.
+
+The grid. A cell is (norm, partition, seed): the base config (defaults < --config < --set) with
+that norm, partition and seed. All cells of one seed share the client partition, the model
+initialization seed, the client sampling and the local data order; the norm is the only change.
+Cells run one after another in this process (each starts its own Ray instance, about 10 s) into
+OUT/runs/<norm>_<partition>_s<seed>/ (ordinary fedkn run directories). Cells already finished
+in OUT are skipped, and an unfinished one resumes from its last finished round, so rerunning an
+interrupted command continues the sweep. Order: seed by seed, so a stopped sweep has whole seeds.
+
+Tuning (--lr-grid). Before the grid, each norm (on each partition, or on the --tune-on
+partition only) runs every lr of the grid once, on --tune-seed with --tune-rounds rounds, into
+OUT/tune/. Each is scored by its final global model's accuracy on a validation split carved from
+the clients' training data, never the test set; every seed of the grid then runs at the chosen lr.
+
+The report. OUT/report.md: per partition, final and best centralized test accuracy (mean +/- std
+over seeds), clients' federated test accuracy, rounds to --target accuracy, wall time per round,
+parameters and MB sent per round, per norm; the paired difference of kn minus the best other norm
+(same seeds) with a 95% t-interval; the tuning table (every grid point's validation score, the
+chosen lr, choices at the edge of the grid flagged). Also OUT/final_metrics.csv (one row per
+run), accuracy_test.png and accuracy_clients.png (one panel per partition, one line per norm,
+min..max band over seeds) and tuning.png. `fedkn report OUT` rebuilds all of it.
+"""
+
+EPILOG = """\
+examples:
+  fedkn compare --norms kn,gn --partitions iid --seeds 2 --set num-rounds=2 --out runs/quick
+  fedkn compare --config configs/compare-digits.toml --out benchmarks/results/digits \\
+      --lr-grid log:0.01:0.16:5 --tune-rounds 6 --tune-on dir0.1
+  # re-run one cell of that comparison alone (reproduces its metrics.csv on a CPU machine):
+  fedkn compare <the same options> --only norm=kn,partition=dir0.1,seed=0 --out /tmp/rerun
+
+GPU machines: clients share a GPU through the config values client-num-gpus and client-num-cpus
+(the Ray resources of one client), e.g. four clients at a time on one GPU:
+  fedkn compare --set client-num-gpus=0.25 --set client-num-cpus=2 ...
+(a preset file can hold them too: client-num-gpus = 0.25).
+
+partition specs: iid, dir<alpha> (Dirichlet label skew, e.g. dir0.1), shards<k> / <k>cls (k classes
+per client), quantity:alpha=<a>, classes-balance:... (see `fedkn partition --help`).
+norms: kn, gn, ln, bn, fedbn (bn with the FedBN strategy), none, wsgn.
+"""
+
+
+def register(subparsers: Any) -> None:
+    from fedkn.compare.grid import DEFAULT_NORMS, DEFAULT_PARTITIONS, DEFAULT_SEEDS
+    from fedkn.compare.report import DEFAULT_TARGET
+
+    p = subparsers.add_parser(
+        "compare",
+        help="run a grid of norms x partitions x seeds (optionally lr-tuned) and write a comparison report",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("the grid")
+    g.add_argument("--norms", default=",".join(DEFAULT_NORMS), metavar="LIST",
+                   help=f"comma list of norms (default: {','.join(DEFAULT_NORMS)})")
+    g.add_argument("--partitions", default=",".join(DEFAULT_PARTITIONS), metavar="LIST",
+                   help=f"comma list of partition specs (default: {','.join(DEFAULT_PARTITIONS)})")
+    g.add_argument("--seeds", default=str(DEFAULT_SEEDS), metavar="N|LIST",
+                   help=f"a count N (seeds 0..N-1) or a comma list of seeds (default: {DEFAULT_SEEDS})")
+    g.add_argument("--only", action="append", default=[], metavar="KEY=V,...",
+                   help="run only the matching cells, e.g. norm=kn,partition=dir0.1,seed=0 (keys norm, partition, "
+                        "seed; repeatable, a cell matching any is run); it must match a cell of the grid")
+    b = p.add_argument_group("the base run config (identical in every cell)")
+    b.add_argument("--config", metavar="FILE", help="preset TOML file, e.g. configs/compare-digits.toml")
+    b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable); norm, partition, seed, name and output-dir come from the grid")
+    t = p.add_argument_group("learning-rate tuning (on a validation split, never the test set)")
+    t.add_argument("--lr-grid", metavar="LRS",
+                   help="learning rates to try: a comma list (0.01,0.03,0.1) or log:LOW:HIGH:COUNT (log:0.005:0.2:5)")
+    t.add_argument("--tune-rounds", type=int, metavar="N", help="rounds per tuning run (default: half of num-rounds)")
+    t.add_argument("--tune-seed", type=int, metavar="S", help="seed of the tuning runs (default: the grid's first seed)")
+    t.add_argument("--tune-on", default="all", metavar="all|PARTITION",
+                   help="'all': tune each norm on each partition (default); a partition: tune each norm there and use its "
+                        "lr on every partition")
+    t.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="share of each client's data held out as validation in tuning runs (needs a run config with "
+                        "val-fraction; otherwise the clients' held-out local splits are the validation data)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory (default: runs/compare)")
+    o.add_argument("--target", type=float, default=DEFAULT_TARGET, metavar="ACC",
+                   help=f"accuracy for the 'rounds to target' column (default: {DEFAULT_TARGET})")
+    o.add_argument("--force", action="store_true",
+                   help="re-run the selected cells from scratch even if finished (tuning runs already scored are reused; "
+                        "delete OUT/tune to re-tune)")
+    o.add_argument("--dry-run", action="store_true", help="list the cells (and tuning runs) and exit")
+    o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.set_defaults(func=compare_command)
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The grid's command line (without --only/--force/--dry-run): what the report records."""
+    parts = ["fedkn", "compare"]
+    if args.config:
+        parts += ["--config", args.config]
+    for s in args.sets:
+        parts += ["--set", s]
+    parts += ["--norms", args.norms, "--partitions", args.partitions, "--seeds", str(args.seeds)]
+    if args.lr_grid:
+        parts += ["--lr-grid", args.lr_grid]
+        if args.tune_rounds is not None:
+            parts += ["--tune-rounds", str(args.tune_rounds)]
+        if args.tune_seed is not None:
+            parts += ["--tune-seed", str(args.tune_seed)]
+        if args.tune_on != "all":
+            parts += ["--tune-on", args.tune_on]
+        if args.val_fraction is not None:
+            parts += ["--val-fraction", f"{args.val_fraction:g}"]
+    parts += ["--target", f"{args.target:g}", "--out", args.out]
+    return shlex.join(parts)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from fedkn.compare.grid import (
+        RUNS_DIR,
+        canonical_partition,
+        cell_config,
+        expand_grid,
+        fmt_duration,
+        parse_norms,
+        parse_partitions,
+        parse_seeds,
+        run_cells,
+        select,
+    )
+    from fedkn.compare.report import build_report, write_meta
+    from fedkn.compare.tuning import DEFAULT_VAL_FRACTION, TuneSpec, parse_lr_grid, supports_val_fraction
+    from fedkn.config import RunConfig
+
+    # --- everything is checked before anything runs -------------------------------------------------
+    base = RunConfig.from_sources(args.config, None, args.sets)
+    norms = parse_norms(args.norms)
+    partitions = parse_partitions(args.partitions)
+    seeds = parse_seeds(args.seeds)
+    if not 0.0 < args.target <= 1.0:
+        raise FedknError(f"--target must be an accuracy in (0, 1], got {args.target:g}")
+    cells = expand_grid(norms, partitions, seeds)
+    selected = select(cells, args.only)
+    out = Path(args.out)
+    for c in cells:  # every cell's config must be valid (e.g. batch-size 1 with bn)
+        cell_config(base, c)
+
+    spec: TuneSpec | None = None
+    if args.lr_grid is not None:
+        grid = parse_lr_grid(args.lr_grid)
+        rounds = args.tune_rounds if args.tune_rounds is not None else max(1, base.num_rounds // 2)
+        if rounds < 1:
+            raise FedknError(f"--tune-rounds must be at least 1, got {rounds}")
+        tune_seed = args.tune_seed if args.tune_seed is not None else seeds[0]
+        if tune_seed < 0:
+            raise FedknError(f"--tune-seed must be 0 or more, got {tune_seed}")
+        on = args.tune_on
+        if on != "all":
+            try:
+                canon = canonical_partition(on)
+            except FedknError as err:
+                raise FedknError(f"--tune-on: {err}") from None
+            on = next((p for p in partitions if canonical_partition(p) == canon), on)
+        vf = args.val_fraction
+        if vf is not None:
+            if not 0.0 < vf < 1.0:
+                raise FedknError(f"--val-fraction must be in (0, 1), got {vf:g}")
+            if not supports_val_fraction():
+                raise FedknError("--val-fraction needs a run config with a val-fraction key, which this fedkn lacks; "
+                                 "drop it (tuning then scores on the clients' held-out local splits)")
+        spec = TuneSpec(tuple(grid), rounds, tune_seed, on, vf if vf is not None else DEFAULT_VAL_FRACTION)
+    elif any(x is not None for x in (args.tune_rounds, args.tune_seed, args.val_fraction)) or args.tune_on != "all":
+        raise FedknError("--tune-rounds/--tune-seed/--tune-on/--val-fraction only apply with --lr-grid")
+
+    groups = list(dict.fromkeys((c.norm, spec.group_partition(c.partition)) for c in selected)) if spec else []
+    print(
+        f"fedkn compare: {len(norms)} norms x {len(partitions)} partitions x {len(seeds)} seeds = {len(cells)} cells"
+        + (f", running {len(selected)} (--only)" if args.only else "")
+        + (f"; lr tuning: {len(groups)} groups x {len(spec.grid)} lrs" if spec else "")
+        + f"; {base.model} x{base.width:g}, {base.dataset}, {base.num_clients} clients, {base.num_rounds} rounds",
+        flush=True,
+    )
+    print(f"output: {out}", flush=True)
+    if args.dry_run:
+        for norm, part in groups:
+            print(f"  tune {norm} on {part}: lr {', '.join(f'{v:g}' for v in spec.grid)} ({spec.rounds} rounds, seed {spec.seed})")
+        for c in selected:
+            print(f"  cell {c.label()} -> {out / RUNS_DIR / c.name}")
+        return 0
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedknError(f"cannot create '{out}': {err.strerror or err}") from None
+    meta = {
+        "command": canonical_command(args),
+        "norms": norms,
+        "partitions": partitions,
+        "seeds": seeds,
+        "target": args.target,
+        "base_config": base.to_flower(),
+        "tuning": None if spec is None else {"grid": list(spec.grid), "rounds": spec.rounds, "seed": spec.seed, "on": spec.on},
+    }
+    write_meta(out, meta)
+
+    t0 = time.perf_counter()
+    try:
+        lrs: dict[tuple[str, str], float] = {}
+        if spec is not None:
+            from fedkn.compare.tuning import tune
+
+            choices = tune(base, groups, spec, out, verbose=args.verbose)  # scored tuning runs are reused
+            lrs = {k: c.lr for k, c in choices.items()}
+        jobs = []
+        for c in selected:
+            if spec is not None:
+                c = type(c)(c.norm, c.partition, c.seed, lrs[(c.norm, spec.group_partition(c.partition))])
+            cfg = cell_config(base, c, output_dir=out / RUNS_DIR)
+            jobs.append(("cell", c, cfg, out / RUNS_DIR / c.name))
+        results = run_cells(jobs, force=args.force, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print("fedkn compare: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
+        _try_report(out)
+        raise
+    report = build_report(out)
+    ran = sum(1 for _, _, s in results if s == "ran")
+    print(f"done: {ran} cells run, {len(results) - ran} already finished, in {fmt_duration(time.perf_counter() - t0)}")
+    _print_table(out)
+    print(f"report: {report}")
+    return 0
+
+
+def _try_report(out: Path) -> None:
+    from fedkn.compare.report import build_report
+
+    try:
+        build_report(out)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def _print_table(out: Path) -> None:
+    """The final test accuracy per partition and norm, from final_metrics.csv."""
+    import csv
+
+    from fedkn.compare.report import TIDY_FILE, mean_std, pct_ms
+
+    try:
+        with open(out / TIDY_FILE, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r["status"] == "finished"]
+    except OSError:
+        return
+    parts = list(dict.fromkeys(r["partition"] for r in rows))
+    for p in parts:
+        norms = list(dict.fromkeys(r["norm"] for r in rows if r["partition"] == p))
+        cells = []
+        for n in norms:
+            mine = [r for r in rows if r["partition"] == p and r["norm"] == n]
+            test = mean_std(float(r["final_test_accuracy"]) for r in mine)
+            fed = mean_std(float(r["final_fed_eval_accuracy"]) for r in mine)
+            cells.append(f"{n} {pct_ms(test)} (clients {pct_ms(fed)})")
+        print(f"  {p}: " + " | ".join(cells))

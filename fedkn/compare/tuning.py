@@ -1,0 +1,309 @@
+"""Learning-rate tuning for ``fedkn compare --lr-grid``: never on the test set.
+
+For each tuning group (a norm on one partition) every lr of a small grid is run once, on one seed
+and a shortened round budget, into ``<out>/tune/<norm>_<partition>_lr<lr>_s<seed>/``. The final
+global model of each run is scored on a **validation split carved from the clients' training
+data** (:func:`validation_score`), and the group's lr is the one with the best validation
+accuracy (ties: lower validation loss, then the smaller lr). A choice at either end of the grid is
+flagged: the grid should be widened on that side.
+
+Which validation split: when the run config carries ``val-fraction > 0`` (and the app passes it
+to ``build_federation``, so those samples never reach training), the union of the clients' ``val``
+splits. Without it, the union of the clients' held-out local splits (``test-fraction`` of each
+client's share): carved from the clients' training data and never trained on, but the same split
+that the tuning run's federated evaluation reports. Either way the global test set, which the
+report's test-accuracy columns use, is never looked at during tuning.
+
+Under FedBN each client's split is scored with the global model plus that client's own BatchNorm
+state (``client_state/``), exactly as the federated evaluation does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkn.config import RunConfig
+from fedkn.errors import FedknError
+
+SCORE_FILE = "val_score.json"
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def supports_val_fraction() -> bool:
+    """Whether RunConfig has a ``val_fraction`` field (so training can leave a val split out)."""
+    return any(f.name == "val_fraction" for f in fields(RunConfig))
+
+
+# --------------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_lr_grid(text: str) -> list[float]:
+    """``"0.01,0.03,0.1"`` or ``"log:1e-3:1e-1:5"`` (5 log-spaced values) -> sorted distinct lrs > 0."""
+    text = text.strip()
+    if text.startswith("log:"):
+        parts = text[4:].split(":")
+        if len(parts) != 3:
+            raise FedknError(f"--lr-grid log form is log:LOW:HIGH:COUNT, e.g. log:1e-3:1e-1:5, got '{text}'")
+        try:
+            low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            raise FedknError(f"--lr-grid log form is log:LOW:HIGH:COUNT with numbers, got '{text}'") from None
+        if not (low > 0 and high > 0 and math.isfinite(low) and math.isfinite(high)):
+            raise FedknError(f"--lr-grid values must be positive learning rates, got '{text}'")
+        if count < 2 or high <= low:
+            raise FedknError(f"--lr-grid log:LOW:HIGH:COUNT needs LOW < HIGH and COUNT >= 2, got '{text}'")
+        values = [float(f"{v:.3g}") for v in np.geomspace(low, high, count)]
+    else:
+        values = []
+        for item in [x.strip() for x in text.split(",")]:
+            if not item:
+                continue
+            try:
+                v = float(item)
+            except ValueError:
+                raise FedknError(f"--lr-grid value '{item}' is not a number (in '{text}')") from None
+            if not (v > 0 and math.isfinite(v)):
+                raise FedknError(f"--lr-grid values must be positive learning rates, got {item} (in '{text}')")
+            values.append(v)
+    if not values:
+        raise FedknError("--lr-grid needs at least one learning rate, e.g. 0.01,0.03,0.1 or log:1e-3:1e-1:5")
+    if len(set(values)) != len(values):
+        raise FedknError(f"--lr-grid lists a learning rate twice: '{text}'")
+    return sorted(values)
+
+
+@dataclass(frozen=True)
+class TunePoint:
+    norm: str
+    partition: str
+    lr: float
+    seed: int
+    status: str  # "ok" | "diverged"
+    val_accuracy: float
+    val_loss: float
+    val_examples: int
+    val_source: str
+    run: str  # the tuning run's directory name
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TunePoint:
+        def num(v: Any) -> float:
+            return math.nan if v is None else float(v)
+
+        return cls(
+            norm=str(d["norm"]),
+            partition=str(d["partition"]),
+            lr=float(d["lr"]),
+            seed=int(d["seed"]),
+            status=str(d["status"]),
+            val_accuracy=num(d.get("val_accuracy")),
+            val_loss=num(d.get("val_loss")),
+            val_examples=int(d.get("val_examples") or 0),
+            val_source=str(d.get("val_source", "")),
+            run=str(d.get("run", "")),
+            error=str(d.get("error", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Choice:
+    norm: str
+    partition: str
+    points: tuple[TunePoint, ...]  # sorted by lr
+    lr: float
+    edge: str  # "" | "low" | "high"
+
+    @property
+    def at_edge(self) -> bool:
+        return bool(self.edge)
+
+
+def choose(points: Sequence[TunePoint], grid: Sequence[float] | None = None) -> Choice:
+    """The lr with the best validation accuracy (ties: lower loss, then smaller lr); flags edges.
+
+    ``grid`` is the full grid the points come from (default: the points' lrs); a choice at its
+    lowest or highest value is flagged ``low`` / ``high``.
+    """
+    if not points:
+        raise FedknError("no tuning runs to choose a learning rate from")
+    pts = sorted(points, key=lambda p: p.lr)
+    ok = [p for p in pts if p.status == "ok" and math.isfinite(p.val_accuracy)]
+    if not ok:
+        raise FedknError(
+            f"every lr of the grid failed for norm {pts[0].norm} on {pts[0].partition} "
+            f"({pts[0].error or pts[0].status}); try smaller learning rates"
+        )
+    best = min(ok, key=lambda p: (-p.val_accuracy, p.val_loss if math.isfinite(p.val_loss) else math.inf, p.lr))
+    values = sorted(grid) if grid else [p.lr for p in pts]
+    edge = ""
+    if len(values) >= 1 and best.lr <= values[0]:
+        edge = "low"
+    elif best.lr >= values[-1]:
+        edge = "high"
+    return Choice(norm=pts[0].norm, partition=pts[0].partition, points=tuple(pts), lr=best.lr, edge=edge)
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring on the validation split
+# --------------------------------------------------------------------------------------------------
+
+
+def validation_indices(cfg: RunConfig) -> tuple[Any, list[np.ndarray], str]:
+    """(federation, per-client validation indices into its train set, source description)."""
+    from fedkn.app import task
+
+    fed = task.federation(cfg)
+    if any(len(c.val) for c in fed.clients):
+        return fed, [c.val for c in fed.clients], "clients' val splits"
+    return fed, [c.test for c in fed.clients], "clients' held-out local splits"
+
+
+def validation_score(path: str | Path) -> tuple[float, float, int, str]:
+    """(accuracy, loss, examples, source) of a run's final global model on the validation split."""
+    import torch
+
+    from fedkn.app import task
+    from fedkn.results import RunDir, load_client_state
+    from fedkn.train import default_device, evaluate
+    from strategies import batchnorm_keys
+
+    run = RunDir.open(path)
+    cfg = run.read_config()
+    ckpt = run.load_checkpoint()
+    if ckpt is None:
+        raise FedknError(f"'{path}' has no checkpoint to score (model.pt)")
+    fed, parts, source = validation_indices(cfg)
+    model = task.new_model(cfg, fed.train_set)
+    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
+    pre = task.preprocess(cfg, fed.train_set, train=False)
+    device = default_device()
+    if not local_keys:
+        task.load_weights(model, dict(ckpt.model))
+        idx = np.sort(np.concatenate([np.asarray(p) for p in parts])) if parts else np.array([], dtype=np.int64)
+        if idx.size == 0:
+            raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
+        r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
+        return r.accuracy, r.loss, r.num_examples, source
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k in set(local_keys)}
+    loss_sum, correct, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for pid, idx in enumerate(parts):
+            if len(idx) == 0:
+                continue
+            local = load_client_state(run.client_state_dir, pid, ckpt.round) or fresh
+            state = dict(ckpt.model)
+            state.update({k: local[k] for k in local_keys})
+            task.load_weights(model, state)
+            r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
+            loss_sum += r.loss * r.num_examples
+            correct += r.accuracy * r.num_examples
+            n += r.num_examples
+    if n == 0:
+        raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
+    return correct / n, loss_sum / n, n, source
+
+
+def write_point(path: Path, point: TunePoint) -> None:
+    (path / SCORE_FILE).write_text(json.dumps(point.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def read_point(path: Path) -> TunePoint | None:
+    f = path / SCORE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return TunePoint.from_json(json.loads(f.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def load_points(tune_dir: Path) -> list[TunePoint]:
+    """Every scored tuning run under ``tune_dir``."""
+    if not tune_dir.is_dir():
+        return []
+    return [p for d in sorted(tune_dir.iterdir()) if d.is_dir() and (p := read_point(d)) is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# the tuning step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    grid: tuple[float, ...]
+    rounds: int
+    seed: int
+    on: str  # "all": tune each (norm, partition); else a partition every norm is tuned on
+    val_fraction: float = DEFAULT_VAL_FRACTION
+
+    def group_partition(self, partition: str) -> str:
+        """The partition whose tuning decides the lr of cells on ``partition``."""
+        return partition if self.on == "all" else self.on
+
+
+def tune(
+    base: RunConfig,
+    groups: Sequence[tuple[str, str]],
+    spec: TuneSpec,
+    out: Path,
+    *,
+    force: bool = False,
+    verbose: bool = False,
+) -> dict[tuple[str, str], Choice]:
+    """Run and score the grid for each ``(norm, partition)`` group; the choice per group."""
+    from fedkn.compare.grid import TUNE_DIR, Cell, cell_config, run_cells
+
+    tune_root = out / TUNE_DIR
+    extra: dict[str, Any] = {"num_rounds": spec.rounds}
+    if supports_val_fraction() and spec.val_fraction > 0:
+        extra["val_fraction"] = spec.val_fraction
+    jobs = []
+    for norm, partition in groups:
+        for lr in spec.grid:
+            cell = Cell(norm, partition, spec.seed, lr)
+            cfg = cell_config(base, cell, name=cell.tune_name(), output_dir=tune_root, **extra)
+            path = tune_root / cell.tune_name()
+            point = None if force else read_point(path)
+            if point is not None and point.lr == lr:
+                continue  # scored earlier (a diverged run is recorded as such and not re-run)
+            jobs.append(("tune", cell, cfg, path))
+
+    def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: dict[str, Any] | None, err: BaseException | None) -> None:
+        if err is not None:
+            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "diverged",
+                              math.nan, math.nan, 0, "", path.name, str(err).split(" (run: ")[0])
+        else:
+            acc, loss, n, source = validation_score(path)
+            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "ok", acc, loss, n, source, path.name)
+            print(f"      validation ({source}): accuracy {100 * acc:.1f}%, loss {loss:.3f}", flush=True)
+        write_point(path, point)
+
+    if jobs:
+        print(f"tuning: {len(jobs)} runs (lr grid {', '.join(f'{v:g}' for v in spec.grid)}; "
+              f"{spec.rounds} rounds, seed {spec.seed})", flush=True)
+        run_cells(jobs, force=force, verbose=verbose, quiet_rounds=True, on_done=on_done,
+                  catch=lambda e: "diverged" in str(e), show_scores=False)
+    points = load_points(tune_root)
+    choices: dict[tuple[str, str], Choice] = {}
+    for norm, partition in groups:
+        mine = [p for p in points if p.norm == norm and p.partition == partition and p.seed == spec.seed and p.lr in spec.grid]
+        choice = choose(mine, spec.grid)
+        choices[(norm, partition)] = choice
+        flag = f"  (at the {choice.edge} edge of the grid)" if choice.edge else ""
+        scores = ", ".join(f"{p.lr:g}: {'diverged' if p.status != 'ok' else f'{100 * p.val_accuracy:.1f}%'}" for p in choice.points)
+        print(f"tuned {norm} on {partition}: lr {choice.lr:g}{flag}  [{scores}]", flush=True)
+    return choices

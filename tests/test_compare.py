@@ -1,0 +1,327 @@
+"""``fedkn compare`` / ``fedkn report`` without simulations: grid, --only, lr grid, statistics, report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedkn.cli import main
+from fedkn.compare.grid import (
+    Cell,
+    cell_config,
+    cell_state,
+    expand_grid,
+    parse_norms,
+    parse_only,
+    parse_partitions,
+    parse_seeds,
+    prepare_dir,
+    select,
+    slug,
+)
+from fedkn.compare.report import (
+    RunRecord,
+    build_report,
+    mean_std,
+    paired_difference,
+    rounds_to_target,
+    t_interval,
+    write_meta,
+)
+from fedkn.compare.tuning import TunePoint, choose, parse_lr_grid, write_point
+from fedkn.config import RunConfig
+from fedkn.errors import FedknError
+from fedkn.results import RunDir
+
+# --------------------------------------------------------------------------------------------------
+# grid and --only
+# --------------------------------------------------------------------------------------------------
+
+
+def test_grid_is_seed_major_and_names_cells() -> None:
+    cells = expand_grid(["kn", "gn", "fedbn"], ["iid", "dir0.1"], [0, 1])
+    assert len(cells) == 12
+    assert cells[:3] == [Cell("kn", "iid", 0), Cell("gn", "iid", 0), Cell("fedbn", "iid", 0)]
+    assert {c.seed for c in cells[:6]} == {0}
+    assert Cell("kn", "dir0.1", 2).name == "kn_dir0.1_s2"
+    assert Cell("gn", "classes-balance:balance=0.5", 0).name == "gn_classes-balance-balance-0.5_s0"
+    assert Cell("kn", "iid", 0, 0.05).tune_name() == "kn_iid_lr0.05_s0"
+    assert slug("a/b:c") == "a-b-c"
+
+
+def test_only_filters_cells_and_matches_partition_aliases() -> None:
+    cells = expand_grid(["kn", "gn", "bn"], ["iid", "dir0.1"], [0, 1, 2])
+    assert select(cells, []) == cells
+    assert select(cells, ["norm=kn,partition=dir0.1,seed=0"]) == [Cell("kn", "dir0.1", 0)]
+    assert select(cells, ["norm=kn,partition=dirichlet:alpha=0.1,seed=0"]) == [Cell("kn", "dir0.1", 0)]
+    assert len(select(cells, ["norm=gn"])) == 6
+    union = select(cells, ["norm=kn,seed=1", "norm=bn,seed=2,partition=iid"])
+    assert union == [Cell("kn", "iid", 1), Cell("kn", "dir0.1", 1), Cell("bn", "iid", 2)]
+    assert parse_only(" norm=kn , seed=3 ") == {"norm": "kn", "seed": "3"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("norm", "key=value"),
+        ("lr=0.1", "not one of norm, partition, seed"),
+        ("norm=kn,norm=gn", "twice"),
+        ("seed=x", "must be an integer"),
+        ("partition=bogus", "--only partition"),
+        ("", "empty"),
+    ],
+)
+def test_only_spec_errors(spec: str, message: str) -> None:
+    with pytest.raises(FedknError, match=message):
+        parse_only(spec)
+
+
+def test_only_matching_no_cell_is_one_clear_error() -> None:
+    cells = expand_grid(["kn", "gn"], ["iid"], [0, 1])
+    with pytest.raises(FedknError, match=r"--only 'norm=kn,seed=5' matches no cell of the grid \(norms kn,gn; partitions iid; seeds 0,1\)"):
+        select(cells, ["norm=kn,seed=5"])
+    with pytest.raises(FedknError, match="matches no cell"):
+        select(cells, ["norm=kn", "partition=dir0.3"])
+
+
+def test_grid_option_parsing() -> None:
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("4,1") == [4, 1]
+    assert parse_norms("kn,fedbn,none") == ["kn", "fedbn", "none"]
+    assert parse_partitions("iid,dir0.1,2cls") == ["iid", "dir0.1", "2cls"]
+    for bad, fn in (("0", parse_seeds), ("a", parse_seeds), ("1,1", parse_seeds), ("kn,xx", parse_norms),
+                    ("kn,kn", parse_norms), ("dir0.1,dirichlet:alpha=0.1", parse_partitions), ("zz", parse_partitions)):
+        with pytest.raises(FedknError):
+            fn(bad)
+
+
+def test_cell_config_changes_only_the_cell_keys() -> None:
+    base = RunConfig.from_dict({"num-rounds": 3, "width": 0.125, "lr": 0.02})
+    kn = cell_config(base, Cell("kn", "dir0.1", 2))
+    fedbn = cell_config(base, Cell("fedbn", "dir0.1", 2))
+    assert (kn.norm, kn.strategy, kn.partition, kn.seed, kn.lr, kn.name) == ("kn", "fedavg", "dir0.1", 2, 0.02, "kn_dir0.1_s2")
+    assert (fedbn.norm, fedbn.strategy) == ("bn", "fedbn")
+    same = {"norm", "strategy", "name"}
+    assert {k: v for k, v in kn.to_flower().items() if k not in same} == {k: v for k, v in fedbn.to_flower().items() if k not in same}
+    assert cell_config(base, Cell("gn", "iid", 0, 0.1)).lr == 0.1
+
+
+def test_cell_state_detects_finished_partial_and_foreign_dirs(tmp_path: Path) -> None:
+    cfg = cell_config(RunConfig.from_dict({"num-rounds": 2}), Cell("kn", "iid", 0))
+    path = tmp_path / "kn_iid_s0"
+    assert prepare_dir(path, cfg) == "new"
+    assert cell_state(path, cfg) == "partial"
+    RunDir(path).write_summary({"status": "finished", "rounds_completed": 2})
+    assert cell_state(path, cfg) == "finished"
+    assert cell_state(path, cfg.replace(num_rounds=4)) == "partial"  # extending a run resumes it
+    with pytest.raises(FedknError, match="holds a run of another config.*lr"):
+        cell_state(path, cfg.replace(lr=0.5))
+    assert prepare_dir(path, cfg.replace(lr=0.5), force=True) == "new"
+
+
+# --------------------------------------------------------------------------------------------------
+# the lr grid and the choice
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lr_grid_forms() -> None:
+    assert parse_lr_grid("0.1, 0.01,0.03") == [0.01, 0.03, 0.1]
+    assert parse_lr_grid("log:0.001:0.1:5") == [0.001, 0.00316, 0.01, 0.0316, 0.1]
+
+
+@pytest.mark.parametrize("text", ["0.1,0", "-0.01", "0.1,-1", "nan", "inf", "abc", "", "log:0:1:3", "log:0.1:0.01:3",
+                                  "log:0.1:1", "0.1,0.1", "log:1e-3:-1:4"])
+def test_lr_grid_errors(text: str) -> None:
+    with pytest.raises(FedknError, match="--lr-grid"):
+        parse_lr_grid(text)
+
+
+def _point(lr: float, acc: float, loss: float = 1.0, status: str = "ok") -> TunePoint:
+    return TunePoint("kn", "iid", lr, 0, status, acc, loss, 100, "val", f"kn_iid_lr{lr:g}_s0")
+
+
+def test_choose_picks_best_validation_score_and_flags_edges() -> None:
+    grid = [0.001, 0.01, 0.1]
+    middle = choose([_point(0.001, 0.5), _point(0.01, 0.9), _point(0.1, 0.7)], grid)
+    assert (middle.lr, middle.edge, middle.at_edge) == (0.01, "", False)
+    high = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, 0.7)], grid)
+    assert (high.lr, high.edge) == (0.1, "high")
+    low = choose([_point(0.001, 0.8), _point(0.01, 0.6), _point(0.1, 0.7)], grid)
+    assert (low.lr, low.edge) == (0.001, "low")
+    tie = choose([_point(0.001, 0.8, 0.9), _point(0.01, 0.8, 0.4), _point(0.1, 0.1)], grid)
+    assert tie.lr == 0.01  # equal accuracy: lower validation loss wins
+    diverged = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, math.nan, status="diverged")], grid)
+    assert (diverged.lr, diverged.edge) == (0.01, "")  # a larger lr was tried (and diverged): not an edge
+    with pytest.raises(FedknError, match="every lr of the grid failed"):
+        choose([_point(0.1, math.nan, status="diverged")], grid)
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mean_std_and_rounds_to_target() -> None:
+    m, s, n = mean_std([0.5, 0.7, math.nan, None, 0.9])
+    assert (n, m) == (3, pytest.approx(0.7)) and s == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
+    assert math.isnan(mean_std([0.4])[1]) and mean_std([])[2] == 0
+    rows = [{"round": 0, "test_accuracy": 0.95}, {"round": 1, "test_accuracy": 0.5},
+            {"round": 2, "test_accuracy": math.nan}, {"round": 3, "test_accuracy": 0.81}, {"round": 4, "test_accuracy": 0.9}]
+    assert rounds_to_target(rows, 0.8) == 3  # round 0 (the initial model) never counts
+    assert rounds_to_target(rows, 0.9) == 4
+    assert rounds_to_target(rows, 0.99) is None
+
+
+@pytest.mark.parametrize("diffs", [[0.01, 0.03, -0.005], [0.1, 0.2], [0.02, 0.02, 0.05, -0.01, 0.0]])
+def test_t_interval_matches_scipy(diffs: list[float]) -> None:
+    m, lo, hi, n = t_interval(diffs)
+    ref = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert n == len(diffs) and m == pytest.approx(np.mean(diffs))
+    assert (lo, hi) == (pytest.approx(ref[0]), pytest.approx(ref[1]))
+    m1, lo1, hi1, _ = t_interval([0.3])
+    assert m1 == 0.3 and math.isnan(lo1) and math.isnan(hi1)
+
+
+def _record(norm: str, seed: int, final: float, partition: str = "iid", fed: float | None = None) -> RunRecord:
+    rec = RunRecord(norm, partition, seed, 0.01, "finished", [], {}, Path(f"{norm}_{seed}"), 5)
+    rec.figures = {"final_test_accuracy": final, "final_fed_eval_accuracy": final if fed is None else fed}
+    return rec
+
+
+def test_paired_difference_against_the_best_other_norm() -> None:
+    recs = [
+        _record("kn", 0, 0.90), _record("kn", 1, 0.80), _record("kn", 2, 0.85),
+        _record("gn", 0, 0.88), _record("gn", 1, 0.81), _record("gn", 2, 0.80),
+        _record("none", 0, 0.50), _record("none", 1, 0.55), _record("none", 2, 0.52),
+        _record("fedbn", 0, math.nan, fed=0.95), _record("fedbn", 1, math.nan, fed=0.94), _record("fedbn", 2, math.nan, fed=0.96),
+        _record("kn", 0, 0.10, partition="dir0.1"),
+    ]
+    pd = paired_difference(recs, "iid", "final_test_accuracy")
+    assert pd is not None and pd.other == "gn" and pd.seeds == [0, 1, 2]
+    assert pd.diffs == pytest.approx([0.02, -0.01, 0.05])
+    ref = stats.t.interval(0.95, 2, loc=np.mean(pd.diffs), scale=stats.sem(pd.diffs))
+    assert (pd.low, pd.high) == (pytest.approx(ref[0]), pytest.approx(ref[1]))
+    fed = paired_difference(recs, "iid", "final_fed_eval_accuracy")
+    assert fed is not None and fed.other == "fedbn" and fed.mean < 0  # fedbn counts where its metric exists
+    assert paired_difference(recs, "dir0.1", "final_test_accuracy") is None  # no other norm there
+
+
+# --------------------------------------------------------------------------------------------------
+# report rebuilt from run directories (synthetic metrics)
+# --------------------------------------------------------------------------------------------------
+
+
+def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition: str = "iid", status: str = "finished") -> Path:
+    base = RunConfig.from_dict({"num-rounds": len(accs) - 1, "width": 0.125, "num-clients": 3})
+    cfg = cell_config(base, Cell(norm, partition, seed), output_dir=root / "runs")
+    path = root / "runs" / Cell(norm, partition, seed).name
+    prepare_dir(path, cfg)
+    run = RunDir(path)
+    fedbn = norm == "fedbn"
+    for r, a in enumerate(accs):
+        run.append_metrics({
+            "round": r, "test_loss": math.nan if fedbn else 2 - a, "test_accuracy": math.nan if fedbn else a,
+            "fed_eval_loss": 2 - a, "fed_eval_accuracy": a, "train_loss": 1.0, "train_accuracy": a,
+            "clients_trained": 3 if r else 0, "bytes_sent": 1_000_000 if r else 0, "round_time_s": 2.0, "elapsed_s": 2.0 * r,
+        })
+    run.write_summary({"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234})
+    return path
+
+
+def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    curves = {
+        "kn": ([0.1, 0.6, 0.85, 0.9], [0.1, 0.5, 0.8, 0.88]),
+        "gn": ([0.1, 0.5, 0.7, 0.86], [0.1, 0.4, 0.6, 0.84]),
+        "fedbn": ([0.1, 0.7, 0.9, 0.95], [0.1, 0.6, 0.9, 0.93]),
+    }
+    for norm, per_seed in curves.items():
+        for seed, accs in enumerate(per_seed):
+            _fake_run(tmp_path, norm, seed, accs)
+    _fake_run(tmp_path, "gn", 2, [0.1, 0.2], status="running")  # unfinished: listed, not tabled
+    write_meta(tmp_path, {"command": "fedkn compare --norms kn,gn,fedbn", "norms": ["kn", "gn", "fedbn"],
+                          "partitions": ["iid"], "seeds": [0, 1], "target": 0.8,
+                          "tuning": {"grid": [0.01, 0.1], "rounds": 1, "seed": 0, "on": "all"}})
+    for lr, acc in ((0.01, 0.4), (0.1, 0.6)):
+        d = tmp_path / "tune" / f"kn_iid_lr{lr:g}_s0"
+        d.mkdir(parents=True)
+        write_point(d, TunePoint("kn", "iid", lr, 0, "ok", acc, 1.0, 50, "clients' val splits", d.name))
+
+    assert main(["report", str(tmp_path)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    text = (tmp_path / "report.md").read_text()
+    assert "fedkn compare --norms kn,gn,fedbn" in text
+    kn_row = next(line for line in text.splitlines() if line.startswith("| **kn**"))
+    # final 0.9/0.88 -> 89.0 ± 1.4; best = final; rounds to 80%: 2 and 2 -> 2.0
+    assert "89.0 ± 1.4" in kn_row and "| 2.0 |" in kn_row and "1,234" in kn_row and "1.00" in kn_row
+    fedbn_row = next(line for line in text.splitlines() if line.startswith("| fedbn"))
+    assert "| n/a | n/a |" in fedbn_row and "94.0 ± 1.4" in fedbn_row
+    gn_row = next(line for line in text.splitlines() if line.startswith("| gn"))
+    assert "85.0 ± 1.4" in gn_row and "| 2 |" in gn_row.replace(" ", " ")  # 2 finished seeds only
+    assert "| iid | final test acc | gn | +4.0 |" in text  # kn - gn, paired per seed
+    assert "gn_iid_s2: running" in text
+    assert "lr 0.01" in text and "**60.0 (1.000)**" in text and "0.1 ⚠ high edge" in text
+    for png in ("accuracy_test.png", "accuracy_clients.png", "tuning.png"):
+        assert (tmp_path / png).stat().st_size > 5000 and f"({png})" in text
+    with open(tmp_path / "final_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["norm"], r["seed"], r["status"]) for r in rows][:3] == [("kn", "0", "finished"), ("kn", "1", "finished"), ("gn", "0", "finished")]
+    assert len(rows) == 7 and float(rows[0]["final_test_accuracy"]) == 0.9 and rows[0]["rounds_to_target"] == "2"
+    tuning = json.loads((tmp_path / "tuning.json").read_text())
+    assert tuning["groups"][0]["lr"] == 0.1 and tuning["groups"][0]["edge"] == "high"
+
+    first = text
+    assert main(["report", str(tmp_path), "--no-plots", "--target", "0.9"]) == 0
+    again = (tmp_path / "report.md").read_text()
+    assert "rounds to 90%" in again and again != first
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "--lr-grid", "0.1,0", "--dry-run"], "--lr-grid values must be positive"),
+        (["compare", "--lr-grid", "-0.5", "--dry-run"], "--lr-grid values must be positive"),
+        (["compare", "--only", "norm=kn,seed=7", "--dry-run"], "matches no cell of the grid"),
+        (["compare", "--only", "width=2", "--dry-run"], "not one of norm, partition, seed"),
+        (["compare", "--norms", "kn,xn", "--dry-run"], "unknown norm 'xn'"),
+        (["compare", "--tune-rounds", "2", "--dry-run"], "only apply with --lr-grid"),
+        (["compare", "--target", "1.5", "--dry-run"], "--target"),
+        (["compare", "--set", "batch-size=1", "--norms", "kn,bn", "--dry-run"], "batch-size 1"),
+        (["report", "/nonexistent/dir"], "does not exist"),
+    ],
+)
+def test_bad_inputs_give_one_line_and_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedkn: error:") and message in err
+
+
+def test_report_on_a_directory_without_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_dry_run_lists_cells_and_tuning(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["compare", "--norms", "kn,gn", "--partitions", "iid,dir0.1", "--seeds", "2", "--lr-grid", "log:0.01:0.1:3",
+            "--tune-on", "dirichlet:alpha=0.1", "--only", "seed=1", "--out", str(tmp_path / "x"), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "8 cells, running 4 (--only)" in out
+    assert "tune kn on dir0.1: lr 0.01, 0.0316, 0.1" in out and "tune gn on dir0.1" in out
+    cells = [line for line in out.splitlines() if line.strip().startswith("cell ")]
+    assert len(cells) == 4 and all("seed 1" in c for c in cells) and "cell kn iid seed 1" in out
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_documents_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--norms", "--partitions", "--seeds", "--only", "--lr-grid", "client-num-gpus=0.25", "report.md",
+                 "validation split", "resumes"):
+        assert word in text

@@ -1,0 +1,121 @@
+"""``fedkn compare`` end to end on tiny settings: a quick grid, resume, rebuild, --only re-run, tuning.
+
+Seven short simulations in all (each starts its own Ray instance): 4 grid cells, 1 re-run, 2
+tuning runs. Tiny: ResNet-8 at width 0.125, 3 clients, 3 local steps, 2 rounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedkn.cli import main
+from fedkn.compare.grid import RUNS_DIR
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "num-clients=3", "--set", "width=0.125", "--set", "local-steps=3", "--set", "num-rounds=2",
+        "--set", "eval-batch-size=512"]
+GRID = ["compare", *TINY, "--norms", "kn,gn", "--partitions", "iid", "--seeds", "2"]
+#: The columns a re-run must reproduce exactly (the time columns differ by nature).
+EXACT = ("round", "test_loss", "test_accuracy", "fed_eval_loss", "fed_eval_accuracy", "train_loss", "train_accuracy",
+         "clients_trained", "bytes_sent")
+
+
+def _metrics(path: Path) -> list[dict[str, str]]:
+    with open(path / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compare") / "quick"
+    assert main([*GRID, "--out", str(out), "--target", "0.3"]) == 0
+    return out
+
+
+def test_quick_grid_writes_runs_report_and_plots(grid_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = sorted(p.name for p in (grid_dir / RUNS_DIR).iterdir())
+    assert runs == ["gn_iid_s0", "gn_iid_s1", "kn_iid_s0", "kn_iid_s1"]
+    for name in runs:
+        summary = json.loads((grid_dir / RUNS_DIR / name / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+        assert [int(r["round"]) for r in _metrics(grid_dir / RUNS_DIR / name)] == [0, 1, 2]
+    # same seed -> same partition and client sampling for both norms; different seeds differ
+    kn0, gn0, kn1 = (_metrics(grid_dir / RUNS_DIR / n) for n in ("kn_iid_s0", "gn_iid_s0", "kn_iid_s1"))
+    assert [r["bytes_sent"] for r in kn0] != [] and kn0[1]["clients_trained"] == gn0[1]["clients_trained"] == "3"
+    assert kn0[2]["test_accuracy"] != kn1[2]["test_accuracy"]
+    text = (grid_dir / "report.md").read_text()
+    assert "## iid" in text and "| **kn** |" in text and "| gn |" in text and "rounds to 30%" in text
+    assert "Paired difference" in text and "--norms kn,gn --partitions iid --seeds 2" in text
+    assert (grid_dir / "accuracy_test.png").is_file() and (grid_dir / "final_metrics.csv").is_file()
+
+    # a second run of the same command skips every finished cell (no simulation)
+    capsys.readouterr()
+    assert main([*GRID, "--out", str(grid_dir), "--target", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 4 and "0 cells run, 4 already finished" in out
+
+
+def test_report_rebuild_is_identical(grid_dir: Path) -> None:
+    before = (grid_dir / "report.md").read_text()
+    csv_before = (grid_dir / "final_metrics.csv").read_text()
+    (grid_dir / "report.md").unlink()
+    assert main(["report", str(grid_dir)]) == 0
+    assert (grid_dir / "report.md").read_text() == before
+    assert (grid_dir / "final_metrics.csv").read_text() == csv_before
+
+
+def test_only_rerun_reproduces_committed_metrics(grid_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rerun"
+    assert main([*GRID, "--out", str(out), "--target", "0.3", "--only", "norm=gn,partition=iid,seed=1"]) == 0
+    assert sorted(p.name for p in (out / RUNS_DIR).iterdir()) == ["gn_iid_s1"]
+    fresh = _metrics(out / RUNS_DIR / "gn_iid_s1")
+    committed = _metrics(grid_dir / RUNS_DIR / "gn_iid_s1")
+    assert [{k: r[k] for k in EXACT} for r in fresh] == [{k: r[k] for k in EXACT} for r in committed]
+
+
+def test_validation_score_is_the_held_out_federated_score(grid_dir: Path) -> None:
+    """Without a val split, tuning scores the clients' held-out local splits, which the
+    federated evaluation also reports: the two computations must agree."""
+    from fedkn.compare.tuning import supports_val_fraction, validation_score
+
+    if supports_val_fraction():
+        pytest.skip("runs carry a val split; the held-out fallback is not used")
+    acc, loss, n, source = validation_score(grid_dir / RUNS_DIR / "kn_iid_s0")
+    last = _metrics(grid_dir / RUNS_DIR / "kn_iid_s0")[-1]
+    assert source == "clients' held-out local splits" and n > 0
+    assert acc == pytest.approx(float(last["fed_eval_accuracy"]), abs=1e-9)
+    assert loss == pytest.approx(float(last["fed_eval_loss"]), rel=1e-6)
+
+
+def test_lr_tuning_picks_best_validation_score_and_flags_edge(tmp_path: Path) -> None:
+    from fedkn.compare.grid import expand_grid
+    from fedkn.compare.report import build_report, write_meta
+    from fedkn.compare.tuning import TuneSpec, load_points, tune
+    from fedkn.config import RunConfig
+
+    base = RunConfig.from_sources(None, None, TINY[1::2])
+    spec = TuneSpec(grid=(1e-4, 0.05), rounds=1, seed=0, on="all")
+    choices = tune(base, [("kn", "iid")], spec, tmp_path)
+    points = load_points(tmp_path / "tune")
+    assert sorted(p.lr for p in points) == [1e-4, 0.05] and all(p.status == "ok" for p in points)
+    best = max(points, key=lambda p: (p.val_accuracy, -p.val_loss))
+    choice = choices[("kn", "iid")]
+    assert choice.lr == best.lr and choice.edge in ("low", "high") and choice.at_edge
+    assert all(math.isfinite(p.val_accuracy) and p.val_examples > 0 for p in points)
+    # scored runs are not run again
+    again = tune(base, [("kn", "iid")], spec, tmp_path)
+    assert again[("kn", "iid")].lr == choice.lr
+    # the tuning table shows every grid point's score and flags the edge
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x").symlink_to(tmp_path / "tune" / points[0].run)
+    write_meta(tmp_path, {"norms": ["kn"], "partitions": ["iid"], "tuning": {"grid": [1e-4, 0.05], "rounds": 1, "seed": 0}})
+    text = build_report(tmp_path, plots=False).read_text()
+    assert "## Learning-rate tuning" in text and "lr 0.0001" in text and "lr 0.05" in text
+    assert f"{choice.lr:g} ⚠ {choice.edge} edge" in text
+    assert len(expand_grid(["kn"], ["iid"], [0])) == 1
