@@ -66,6 +66,21 @@ class RunConfig:
     fedadam_beta1: float = 0.9
     fedadam_beta2: float = 0.99
     fedadam_tau: float = 0.001
+    # --- sample-level DP: DP-SGD (Opacus) in every client's local training -----------------------
+    dp_sgd: bool = False
+    dp_noise_multiplier: float = 0.0  # exactly one of these two > 0 when dp-sgd is on; the target
+    dp_target_epsilon: float = 0.0  # calibrates the noise to num-rounds x local steps per client
+    dp_max_grad_norm: float = 1.0  # per-sample clipping bound
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"  # rdp | prv | gdp
+    # --- client-level DP: Flower's DP strategy wrappers (fedavg/fedprox only) ---------------------
+    client_dp: str = "off"  # off | server-fixed | client-fixed | server-adaptive | client-adaptive
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 1.0  # the initial one for the adaptive modes
+    client_dp_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
+    client_dp_clip_lr: float = 0.2  # adaptive: learning rate of the clipping norm
+    client_dp_count_stddev: float = 0.0  # adaptive: clipped-count noise; 0 = clients per round / 20
+    client_dp_delta: float = 1e-5
     # --- simulation --------------------------------------------------------------------------------
     client_num_cpus: float = 1.0  # Ray resources per ClientApp (fedkn run; flwr run: --federation-config)
     client_num_gpus: float = 0.0  # e.g. 0.25 = four clients share one GPU
@@ -287,9 +302,13 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.name and (set(cfg.name) & set('/\\:*?"<>|') or cfg.name.startswith(".")):
         raise FedknError(f"config key 'name' must be usable as a directory name, got {cfg.name!r}")
 
+    _check(cfg.dp_noise_multiplier >= 0.0, "dp-noise-multiplier", "0 (off) or positive", cfg.dp_noise_multiplier)
+    _check(cfg.dp_target_epsilon >= 0.0, "dp-target-epsilon", "0 (off) or positive", cfg.dp_target_epsilon)
+
     if cfg.strategy not in STRATEGIES:
         raise FedknError(f"config key 'strategy' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     _validate_names(cfg)
+    _validate_privacy(cfg)
 
 
 def _validate_names(cfg: RunConfig) -> None:
@@ -320,3 +339,15 @@ def _validate_names(cfg: RunConfig) -> None:
             f"batch-size 1 does not work with norm '{cfg.norm}' (BatchNorm needs 2+ samples per batch); "
             f"use batch-size >= 2 or a batch-independent norm: {independent}"
         )
+
+
+def _validate_privacy(cfg: RunConfig) -> None:
+    """DP settings, checked by the privacy layers themselves (imported only when DP is on: Opacus is heavy)."""
+    if cfg.dp_sgd:
+        from fedkn.privacy.dpsgd import settings_from_config
+
+        settings_from_config(cfg)  # also rejects BatchNorm, naming the batch-independent norms
+    if cfg.client_dp != "off":
+        from strategies.dp import settings_from_config as client_settings
+
+        client_settings(cfg)

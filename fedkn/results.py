@@ -46,6 +46,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "bytes_sent",  # model arrays server->clients plus clients->server this round
     "round_time_s",
     "elapsed_s",
+    "dp_epsilon_round",  # DP-SGD: this round's epsilon, max over the clients that trained (empty without dp-sgd)
+    "dp_epsilon",  # DP-SGD: cumulative epsilon at dp-delta, max over all clients so far (empty without dp-sgd)
 )
 _INT_COLUMNS = ("round", "clients_trained", "bytes_sent")
 #: Columns that measure wall time (and so differ between otherwise identical runs).

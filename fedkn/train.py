@@ -4,7 +4,8 @@ The Flower ClientApp, the server's centralized evaluation and any plain-loop ben
 same functions. The pieces a wrapper may want to replace are small separate functions:
 :func:`make_optimizer` (e.g. an Opacus ``DPOptimizer`` around it), :func:`make_batches` (e.g.
 Poisson sampling) and :func:`train_step` (one SGD step, with the FedProx proximal term); pass
-replacements through ``train_local``'s ``make_optimizer_fn`` / ``make_batches_fn`` arguments.
+replacements through ``train_local``'s ``make_optimizer_fn`` / ``make_batches_fn`` /
+``train_step_fn`` arguments (:mod:`fedkn.privacy.dpsgd` replaces all three for DP-SGD).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def train_local(
     preprocess: PreprocessFn,
     make_optimizer_fn: Callable[..., torch.optim.Optimizer] = make_optimizer,
     make_batches_fn: Callable[..., Batches] = make_batches,
+    train_step_fn: Callable[..., tuple[float, int]] = train_step,
 ) -> TrainResult:
     """Train ``model`` in place on ``dataset[indices]``: ``epochs`` passes, or ``steps`` SGD steps.
 
@@ -191,7 +193,7 @@ def train_local(
         if skip_singletons and y.numel() < 2:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        batch_loss, batch_correct = train_step(
+        batch_loss, batch_correct = train_step_fn(
             model, optimizer, x, y, proximal_mu=proximal_mu, global_params=global_params
         )
         if not math.isfinite(batch_loss):

@@ -9,6 +9,8 @@
   number the strategy sees (and sends to clients) the true one.
 - **Accounting**: per-round aggregated train/eval metrics, bytes of arrays sent both ways, and
   the number of clients that trained, collected in :attr:`records` for the results writer.
+  Client metrics are averaged weighted by examples, whatever the arrays are weighted by; privacy
+  spent (:data:`MAX_METRICS`) is the maximum over the clients, not an average.
 - **Client-local arrays** (``local_keys``): never sent to clients, never expected back, kept in
   the global model unchanged (FedBN's BatchNorm state; empty for the other strategies).
 - **Errors**: a client's error reply stops the run with one clear line instead of being skipped.
@@ -22,12 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedkn.errors import FedknError
 from strategies.sampling import sample_partitions
 
 WEIGHT_KEY = "num-examples"
+#: Metric every client reports as 1 under client-level DP, so that FedAvg averages the arrays uniformly.
+UNIFORM_WEIGHT_KEY = "dp-weight"
+#: Client metrics aggregated as the maximum over clients: the privacy each client spent (DP-SGD).
+MAX_METRICS: tuple[str, ...] = ("dp-epsilon-round", "dp-epsilon")
 
 
 @dataclass
@@ -61,6 +68,8 @@ class FedknStrategy:
     """Mixin: put it first, e.g. ``class FedknFedAvg(FedknStrategy, FedAvg)``."""
 
     def __init__(self, *args: Any, seed: int = 0, local_keys: Iterable[str] = (), **kwargs: Any) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
         self.local_keys: frozenset[str] = frozenset(local_keys)
@@ -200,6 +209,17 @@ class FedknStrategy:
                 if not hasattr(self, name):
                     raise FedknError("checkpoint holds FedAdam moments but the strategy is not fedadam")
                 setattr(self, name, d)
+
+
+def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Clients' metrics: the mean weighted by examples (``weighted_by_key`` weighs only the arrays),
+    and the maximum for :data:`MAX_METRICS`."""
+    out = aggregate_metricrecords(records, WEIGHT_KEY)
+    for key in MAX_METRICS:
+        values = [float(m[key]) for r in records for m in r.metric_records.values() if key in m]  # type: ignore[arg-type]
+        if values:
+            out[key] = max(values)
+    return out
 
 
 def _weight(msg: Message) -> float:

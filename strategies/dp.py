@@ -12,9 +12,10 @@ mod), the server averages the ``m`` clipped updates and adds Gaussian noise of s
   ``adaptiveclipping_mod``), which move ``C`` towards the ``target_clipped_quantile`` of update
   norms (Andrew et al. 2021). ``clipping_norm`` is then the *initial* clipping norm.
 
-The wrappers here are Flower's classes with two additions: attributes they lack (fedkn's
-``records``, ``bind``, ``state_dict``, ...) are forwarded to the wrapped fedkn strategy, and a
-client error stops the run as it does without DP (Flower's wrappers would skip the round).
+The wrappers here are Flower's classes with three additions: attributes they lack (fedkn's
+``records``, ``bind``, ...) are forwarded to the wrapped fedkn strategy, a client error stops the
+run as it does without DP (Flower's wrappers would skip the round), and the checkpointed strategy
+state includes the clipping norm (which adaptive clipping changes every round).
 
 **The guarantee** (:func:`client_level_guarantee`), and what it assumes:
 
@@ -40,10 +41,11 @@ client error stops the run as it does without DP (Flower's wrappers would skip t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -54,14 +56,16 @@ from flwr.serverapp.strategy import (
 
 from fedkn.errors import FedknError
 from fedkn.privacy.accounting import check_accountant, check_delta, epsilon
+from strategies.base import UNIFORM_WEIGHT_KEY
+from strategies.sampling import sample_size
 
 #: Client-level DP modes ("off" = no client-level DP).
 MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
-#: Metric key each client reports as 1 so that the inner FedAvg averages with equal weights.
-UNIFORM_WEIGHT_KEY = "dp-weight"
 #: fedkn strategies whose aggregate is a plain (uniform) mean of the client models.
 AVERAGING_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 AMPLIFICATION: tuple[str, ...] = ("none", "poisson")
+#: Checkpoint key of the current clipping norm (so a resumed adaptive-clipping run goes on from it).
+CLIPPING_NORM_STATE = "dp.clipping_norm"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,16 @@ class _FedknDP:
             checked(replies, server_round + getattr(self.strategy, "round_offset", 0), "train")
         return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The wrapped strategy's state plus the clipping norm (adaptive clipping moves it), for checkpoints."""
+        return {**self.strategy.state_dict(), CLIPPING_NORM_STATE: np.asarray(float(self.clipping_norm))}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        state = dict(state)
+        if CLIPPING_NORM_STATE in state:
+            self.clipping_norm = float(np.asarray(state.pop(CLIPPING_NORM_STATE)).item())
+        self.strategy.load_state_dict(state)
+
 
 class FedknDPServerFixed(_FedknDP, DifferentialPrivacyServerSideFixedClipping):
     """Server-side fixed clipping + central Gaussian noise."""
@@ -164,17 +178,22 @@ def wrap_strategy(
         return FedknDPServerFixed(strategy, s.noise_multiplier, s.clipping_norm, num_sampled_clients)
     if s.mode == "client-fixed":
         return FedknDPClientFixed(strategy, s.noise_multiplier, s.clipping_norm, num_sampled_clients)
+    check_adaptive(s, num_sampled_clients)
     cls = FedknDPServerAdaptive if s.mode == "server-adaptive" else FedknDPClientAdaptive
-    try:
-        return cls(strategy, s.noise_multiplier, num_sampled_clients, s.clipping_norm,
-                   s.target_clipped_quantile, s.clip_norm_lr, s.clipped_count_stddev)
-    except ValueError:  # Flower: the clipped-count noise must exceed noise_multiplier / 2
-        stddev = s.clipped_count_stddev if s.clipped_count_stddev is not None else num_sampled_clients / 20
+    return cls(strategy, s.noise_multiplier, num_sampled_clients, s.clipping_norm,
+               s.target_clipped_quantile, s.clip_norm_lr, s.clipped_count_stddev)
+
+
+def check_adaptive(settings: ClientDPSettings, num_sampled_clients: int) -> None:
+    """Flower's condition for adaptive clipping: the clipped-count noise must exceed noise_multiplier / 2."""
+    s = settings
+    stddev = s.clipped_count_stddev if s.clipped_count_stddev is not None else num_sampled_clients / 20
+    if s.adaptive and s.noise_multiplier > 0 and s.noise_multiplier >= 2 * stddev:
         raise FedknError(
-            f"adaptive clipping with noise multiplier {s.noise_multiplier} needs a clipped-count stddev above "
-            f"{s.noise_multiplier / 2:g} (it is {stddev:g}; Flower's default is clients per round / 20); "
+            f"adaptive clipping with client-dp-noise-multiplier {s.noise_multiplier:g} needs a client-dp-count-stddev "
+            f"above {s.noise_multiplier / 2:g} (it is {stddev:g}; the default 0 means clients per round / 20); "
             "set it higher, lower the noise multiplier or sample more clients per round"
-        ) from None
+        )
 
 
 def settings_from_config(cfg: Any) -> ClientDPSettings:
@@ -183,7 +202,8 @@ def settings_from_config(cfg: Any) -> ClientDPSettings:
     Keys (snake_case attributes): ``client_dp`` (one of :data:`MODES`), ``client_dp_noise_multiplier``,
     ``client_dp_clipping_norm``, ``client_dp_target_quantile``, ``client_dp_clip_lr``,
     ``client_dp_count_stddev`` (0 = Flower's default, clients per round / 20), ``client_dp_delta``.
-    Also rejects strategies that break the guarantee, so config validation can call it.
+    Also rejects strategies that break the guarantee and (given ``num_clients``) adaptive settings
+    Flower would refuse, so config validation can call it.
     """
     mode = str(getattr(cfg, "client_dp", "off"))
     stddev = float(getattr(cfg, "client_dp_count_stddev", 0.0))
@@ -202,6 +222,8 @@ def settings_from_config(cfg: Any) -> ClientDPSettings:
             f"client-dp '{mode}' needs strategy {' or '.join(AVERAGING_STRATEGIES)} (plain averaging); "
             f"strategy '{strategy}' changes the aggregate after averaging or keeps layers local"
         )
+    if hasattr(cfg, "num_clients"):
+        check_adaptive(settings, sample_size(cfg.num_clients, getattr(cfg, "fraction_train", 1.0)))
     return settings
 
 
@@ -274,6 +296,7 @@ __all__ = [
     "FedknDPClientFixed",
     "FedknDPServerAdaptive",
     "FedknDPServerFixed",
+    "check_adaptive",
     "client_level_guarantee",
     "client_mod",
     "settings_from_config",

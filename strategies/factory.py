@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
-from strategies.base import FedknStrategy
+from strategies.base import UNIFORM_WEIGHT_KEY, FedknStrategy
 from strategies.fedbn import FedBN
 
 
@@ -29,7 +29,12 @@ class FedknFedAdam(FedknStrategy, FedAdam):
 
 
 def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknStrategy:
-    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN)."""
+    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN).
+
+    Under client-level DP the arrays are averaged with equal weights (each client reports
+    ``UNIFORM_WEIGHT_KEY: 1``), as the guarantee of ``strategies.dp`` needs; wrap the result with
+    ``strategies.dp.wrap_strategy``.
+    """
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -38,6 +43,8 @@ def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknSt
         min_available_nodes=cfg.num_clients,
         seed=cfg.seed,
     )
+    if cfg.client_dp != "off":
+        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     name = cfg.strategy
     if name == "fedavg":
         return FedknFedAvg(**common)

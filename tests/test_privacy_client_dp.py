@@ -56,7 +56,11 @@ def test_wrappers_build_and_forward_fedkn_api(mode):
     assert dp.strategy is inner
     assert dp.num_sampled_clients == 5 and dp.clipping_norm == 2.0
     # fedkn's strategy API reaches the inner strategy through the wrapper.
-    assert dp.records is inner.records and dp.state_dict() == {}
+    assert dp.records is inner.records
+    # The checkpointed state adds the clipping norm (adaptive clipping moves it) to the inner state.
+    assert dp.state_dict() == {"dp.clipping_norm": 2.0}
+    dp.load_state_dict({"dp.clipping_norm": np.asarray([1.25])})
+    assert dp.clipping_norm == 1.25
     dp.bind({101: 0, 102: 1}, round_offset=3)
     assert inner.round_offset == 3 and dp.num_partitions == 2
     assert (client_mod(mode) is not None) == mode.startswith("client")
@@ -84,7 +88,7 @@ def test_guarantee_needs_uniform_averaging():
                       strategy_name="fedadam")
     with pytest.raises(FedknError, match="mode"):
         ClientDPSettings(mode="local")
-    with pytest.raises(FedknError, match="clipped-count stddev above 0.5"):  # Flower's default m/20 = 0.25
+    with pytest.raises(FedknError, match="count-stddev above 0.5"):  # Flower's default m/20 = 0.25
         wrap_strategy(_fedavg(), ClientDPSettings(mode="server-adaptive", noise_multiplier=1.0), num_sampled_clients=5)
 
 

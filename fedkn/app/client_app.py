@@ -1,9 +1,14 @@
 """The Flower ClientApp (Message API): local training and evaluation on one client's partition.
 
 The server sends the whole resolved run config in each message's ConfigRecord (plus Flower's
-``server-round``, FedProx's ``proximal-mu`` and, for FedBN, ``client-state-dir``), so the client
-needs nothing but its partition: ``partition-id`` / ``num-partitions`` from the node config
-(set by the simulation engine, or ``--node-config`` on a real SuperNode), else the run config.
+``server-round``, FedProx's ``proximal-mu``, for FedBN ``client-state-dir`` and, under client-side
+clipping, Flower's ``clipping_norm``), so the client needs nothing but its partition:
+``partition-id`` / ``num-partitions`` from the node config (set by the simulation engine, or
+``--node-config`` on a real SuperNode), else the run config.
+
+Differential privacy: with ``dp-sgd`` the local training is DP-SGD (:mod:`fedkn.privacy.dpsgd`)
+and the reply carries this round's and the cumulative epsilon; with a client-side ``client-dp``
+mode Flower's clipping mod wraps the train handler.
 
 Errors come back to the server as error replies carrying one line (never a traceback in the log);
 the server stops the run with that line.
@@ -25,10 +30,12 @@ from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from fedkn.results import load_client_state, save_client_state
 from fedkn.train import default_device, evaluate, train_local
+from strategies.base import UNIFORM_WEIGHT_KEY
 from strategies.fedbn import batchnorm_keys
+from strategies.sampling import sample_partitions, sample_size
 
-#: ConfigRecord keys that are not RunConfig fields.
-EXTRA_KEYS: tuple[str, ...] = ("server-round", "proximal-mu", "client-state-dir")
+#: ConfigRecord keys that are not RunConfig fields ("clipping_norm": Flower's client-side DP wrappers).
+EXTRA_KEYS: tuple[str, ...] = ("server-round", "proximal-mu", "client-state-dir", "clipping_norm")
 LOCAL_STATE_KEY = "fedbn-local-state"
 LOCAL_ROUND_KEY = "fedbn-local-round"
 ERROR_CODE_CLIENT = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -131,28 +138,51 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 @_guard
 def train(msg: Message, context: Context) -> Message:
+    """Local training; under client-side client-level DP, Flower's clipping mod wraps it."""
+    cfg, _ = parse_message_config(msg)
+    if cfg.client_dp != "off":
+        from strategies.dp import client_mod
+
+        mod = client_mod(cfg.client_dp)
+        if mod is not None:
+            return mod(msg, context, _train)
+    return _train(msg, context)
+
+
+@_guard
+def _train(msg: Message, context: Context) -> Message:
     """Load the global model, train locally, return the updated arrays and train metrics."""
     cfg, extras, pid, fed, model, local_keys = _prepare(msg, context, for_round=int(extras_round(msg)) - 1)
     server_round = int(extras.get("server-round", 0))
     seed = task.client_seed(cfg, server_round, pid)
-    torch.manual_seed(seed)  # KernelNorm's dropout draws from the global generator
+    torch.manual_seed(seed)  # KernelNorm's dropout (and DP-SGD's noise) draw from the global generator
     generator = torch.Generator().manual_seed(seed)
     mu = float(extras.get("proximal-mu", cfg.proximal_mu)) if cfg.strategy == "fedprox" else 0.0
-    result = train_local(
-        model,
-        fed.train_set,
-        fed.client(pid).train,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        epochs=cfg.local_epochs,
-        steps=cfg.local_steps or None,
-        proximal_mu=mu,
-        generator=generator,
-        device=default_device(),
-        preprocess=task.preprocess(cfg, fed.train_set, train=True),
-    )
+    idx = fed.client(pid).train
+    private = _make_private(cfg, model, len(idx))
+    pieces: dict[str, Any] = {"steps": cfg.local_steps or None}
+    if private is not None:
+        pieces = {"steps": private.steps_per_round, "make_optimizer_fn": private.make_optimizer,
+                  "make_batches_fn": private.make_batches, "train_step_fn": private.train_step}
+    try:
+        result = train_local(
+            model,
+            fed.train_set,
+            idx,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            epochs=cfg.local_epochs,
+            proximal_mu=mu,
+            generator=generator,
+            device=default_device(),
+            preprocess=task.preprocess(cfg, fed.train_set, train=True),
+            **pieces,
+        )
+    finally:
+        if private is not None:
+            private.close()
     state = model.state_dict()
     if local_keys:
         local = {k: state[k].detach().cpu().clone() for k in local_keys}
@@ -168,8 +198,39 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": int(result.num_examples),
         }
     )
+    if private is not None:
+        metrics.update(private.metrics(_privacy_ledger(cfg, pid, server_round, private)))
+    if cfg.client_dp != "off":
+        metrics[UNIFORM_WEIGHT_KEY] = 1
     content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(shared), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def _make_private(cfg: RunConfig, model: torch.nn.Module, num_samples: int) -> Any:
+    """This round's DP-SGD plan (:class:`fedkn.privacy.PrivateTraining`), or None without dp-sgd."""
+    if not cfg.dp_sgd or num_samples == 0:
+        return None
+    from fedkn.privacy.dpsgd import make_private, settings_from_config
+
+    return make_private(model, num_samples=num_samples, batch_size=cfg.batch_size, settings=settings_from_config(cfg),
+                        local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, rounds=cfg.num_rounds)
+
+
+def _privacy_ledger(cfg: RunConfig, pid: int, server_round: int, private: Any) -> Any:
+    """This client's DP-SGD history up to ``server_round``, rebuilt rather than stored.
+
+    Sampling is deterministic (:mod:`strategies.sampling`) and a client's plan (noise, sampling
+    rate, steps) is the same in every round, so every earlier round this client was sampled in
+    cost exactly this round's plan. Rebuilding it needs no client state and stays right after
+    ``--resume`` (whose clients start with a fresh Context).
+    """
+    ledger = private.new_ledger()
+    m = sample_size(cfg.num_clients, cfg.fraction_train)
+    for r in range(1, server_round):
+        if pid in sample_partitions(cfg.num_clients, m, seed=cfg.seed, server_round=r, phase="train"):
+            ledger.record(r, private.noise_multiplier, private.sample_rate, private.steps_per_round)
+    private.record(ledger, server_round)
+    return ledger
 
 
 @app.evaluate()
@@ -192,6 +253,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             "num-examples": int(result.num_examples),
         }
     )
+    if cfg.client_dp != "off":  # Flower's FedAvg wants the weight key in evaluate replies too
+        metrics[UNIFORM_WEIGHT_KEY] = 1
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -10,7 +10,9 @@ One function, :func:`run_server`, does the work for both ways of running:
 
 Per round it records a row in metrics.csv as soon as the round finishes (centralized evaluation
 of the global model on the global test set, the clients' federated evaluation, train loss, bytes
-sent, time), then checkpoints the model and the strategy state, so a crash loses nothing finished.
+sent, time and, under DP-SGD, the privacy spent), then checkpoints the model and the strategy
+state, so a crash loses nothing finished. Client-level DP wraps the strategy in Flower's DP
+wrapper (:mod:`strategies.dp`); its guarantee goes into summary.json.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from fedkn.results import RunDir
 from fedkn.train import default_device, evaluate
-from strategies import ClientFailure, RoundRecord, batchnorm_keys, build_strategy
+from strategies import ClientFailure, RoundRecord, batchnorm_keys, build_strategy, sample_size
 
 Progress = Callable[[dict[str, Any], RunConfig], None]
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
@@ -56,10 +58,23 @@ def format_progress(row: dict[str, Any], cfg: RunConfig) -> str:
     def num(v: Any) -> str:
         return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    return (
+    line = (
         f"round {row['round']:>3}/{cfg.num_rounds}  test acc {pct(row['test_accuracy'])}  loss {num(row['test_loss'])}"
         f"  | clients acc {pct(row['fed_eval_accuracy'])}  | train loss {num(row['train_loss'])}"
-        f"  | {row['elapsed_s']:6.1f}s"
+    )
+    if cfg.dp_sgd:
+        line += f"  | eps {num(row['dp_epsilon'])}"
+    return line + f"  | {row['elapsed_s']:6.1f}s"
+
+
+def dp_sgd_statement(cfg: RunConfig, eps: float, rounds: int) -> str:
+    """What a DP-SGD run's ``eps`` (max cumulative epsilon over the clients) guarantees."""
+    noise = (f"noise calibrated to target epsilon {cfg.dp_target_epsilon:g} over {cfg.num_rounds} rounds"
+             if cfg.dp_target_epsilon > 0 else f"noise multiplier {cfg.dp_noise_multiplier:g}")
+    return (
+        f"sample-level (epsilon = {eps:.3g}, delta = {cfg.dp_delta:g})-DP for every client's training data after "
+        f"{rounds} rounds (DP-SGD with per-sample clipping to {cfg.dp_max_grad_norm:g}, {noise}, {cfg.dp_accountant} "
+        "accountant; max over clients; add/remove one example; reported client metrics are not covered)"
     )
 
 
@@ -132,6 +147,12 @@ def run_server(
     model = task.new_model(cfg, fed.train_set)
     local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
     strategy = build_strategy(cfg, local_keys=local_keys)
+    client_dp, sampled = None, sample_size(cfg.num_clients, cfg.fraction_train)
+    if cfg.client_dp != "off":
+        from strategies.dp import client_level_guarantee, settings_from_config, wrap_strategy
+
+        client_dp = settings_from_config(cfg)
+        strategy = wrap_strategy(strategy, client_dp, num_sampled_clients=sampled, strategy_name=cfg.strategy)
     central = cfg.strategy != "fedbn"  # FedBN's global model has no trained BatchNorm state
     test_pre = task.preprocess(cfg, fed.test_set, train=False)
     eval_model = task.new_model(cfg, fed.train_set)
@@ -179,6 +200,14 @@ def run_server(
             "fedkn_version": __version__,
             "config": cfg.to_flower(),
         }
+        if cfg.dp_sgd:
+            eps = float(last.get("dp_epsilon") or 0.0)
+            out.update(dp_epsilon=eps, dp_delta=cfg.dp_delta,
+                       dp_statement=dp_sgd_statement(cfg, eps, out["rounds_completed"]))
+        if client_dp is not None:
+            out["client_dp"] = client_level_guarantee(
+                client_dp.noise_multiplier, sampled, cfg.num_clients, out["rounds_completed"], client_dp.delta
+            ).as_dict()
         if not central:
             out["note"] = "FedBN keeps BatchNorm on the clients: use fed_eval (clients' test splits), not test"
         if error:
@@ -202,6 +231,10 @@ def run_server(
         test_loss, test_acc = centralized(arrays)
         rec = strategy.records.pop(r, RoundRecord())
         now = time.perf_counter()
+        eps_round = eps = math.nan
+        if cfg.dp_sgd:  # a client's cumulative epsilon never falls, so the running max is the max over all clients
+            eps_round = rec.train.get("dp-epsilon-round", 0.0)
+            eps = max(float(history[-1]["dp_epsilon"]) if history else 0.0, rec.train.get("dp-epsilon", 0.0))
         row = {
             "round": r,
             "test_loss": test_loss,
@@ -214,6 +247,8 @@ def run_server(
             "bytes_sent": rec.bytes_sent,
             "round_time_s": round(now - clock["last"], 3),
             "elapsed_s": round(elapsed_before + now - session_start, 3),
+            "dp_epsilon_round": eps_round,
+            "dp_epsilon": eps,
         }
         clock["last"] = now
         run_dir.append_metrics(row)

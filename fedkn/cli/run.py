@@ -60,6 +60,11 @@ def resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
             allowed = ", ".join(sorted(k.replace("_", "-") for k in RESUMABLE_KEYS))
             raise FedknError(f"cannot change {', '.join(locked)} when resuming (only {allowed})")
         cfg = RunConfig.from_dict({**saved.to_flower(), **changes})
+        if cfg.dp_sgd and cfg.dp_target_epsilon > 0 and cfg.num_rounds != saved.num_rounds:
+            raise FedknError(
+                f"cannot change num-rounds when resuming a run with dp-target-epsilon: its noise was calibrated "
+                f"to {saved.num_rounds} rounds (set dp-noise-multiplier instead for runs you want to extend)"
+            )
         if cfg != saved:
             run_dir.write_config(cfg)
         return cfg, run_dir, True
@@ -149,6 +154,10 @@ def run_command(args: argparse.Namespace) -> int:
         f"done: {s['rounds_completed']} rounds in {wall:.1f}s wall  |  final test acc {_pct(s['final_test_accuracy'])}{best}"
         f"  |  clients acc {_pct(s['final_fed_eval_accuracy'])}  |  {s['total_bytes_sent'] / 1e6:.1f} MB sent"
     )
+    if s.get("dp_statement"):
+        print(f"privacy: {s['dp_statement']}")
+    if s.get("client_dp"):
+        print(f"privacy: {s['client_dp']['statement']}")
     if s.get("note"):
         print(f"note: {s['note']}")
     print(f"results: {run_dir.path}  (metrics.csv, summary.json, metrics.png, model.pt)")

@@ -10,6 +10,7 @@
 Client-level DP (Flower's DP strategy wrappers) lives in :mod:`strategies.dp`.
 """
 
+from fedkn.privacy import _opacus  # noqa: F401 - first: imports Opacus without its log handler
 from fedkn.privacy.accounting import ACCOUNTANTS, PrivacyLedger, calibrate_noise, dpsgd_epsilon, epsilon
 from fedkn.privacy.dpsgd import DPSettings, PrivateTraining, make_private, poisson_batches, poisson_plan
 from fedkn.privacy.grad_sample import attach, detach, per_sample_gradients
