@@ -50,6 +50,7 @@ class RunConfig:
     num_rounds: int = 15
     fraction_train: float = 1.0  # share of clients sampled for training each round
     fraction_evaluate: float = 1.0  # share of clients sampled for federated evaluation
+    min_clients: int = 1  # a round needs replies from this many clients (lost SuperNodes are dropped)
     # --- local training --------------------------------------------------------------------------
     batch_size: int = 8
     local_epochs: int = 1
@@ -296,6 +297,7 @@ def _validate(cfg: RunConfig) -> None:
     _check(cfg.fedadam_tau > 0.0, "fedadam-tau", "positive", cfg.fedadam_tau)
     _check(cfg.client_num_cpus > 0.0, "client-num-cpus", "positive", cfg.client_num_cpus)
     _check(cfg.client_num_gpus >= 0.0, "client-num-gpus", "0 or more", cfg.client_num_gpus)
+    _check(1 <= cfg.min_clients <= cfg.num_clients, "min-clients", f"in 1..num-clients ({cfg.num_clients})", cfg.min_clients)
     _check(cfg.round_timeout > 0.0, "round-timeout", "positive (seconds)", cfg.round_timeout)
     _check(bool(cfg.output_dir.strip()), "output-dir", "a directory path", cfg.output_dir)
     _check(cfg.seed >= 0, "seed", "0 or more", cfg.seed)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedkn.errors import FedknError
-from strategies.sampling import sample_partitions
+from strategies.sampling import sample_partitions, sample_size
 
 WEIGHT_KEY = "num-examples"
+#: Error codes with which the SuperLink answers for a SuperNode that is gone (no heartbeat for 2 x 30 s):
+#: flwr.common.constant.ErrorCode MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE.
+LOST_NODE_CODES: frozenset[int] = frozenset({3, 4, 5})
+log = logging.getLogger("fedkn")
 #: Metric every client reports as 1 under client-level DP, so that FedAvg averages the arrays uniformly.
 UNIFORM_WEIGHT_KEY = "dp-weight"
 #: Client metrics aggregated as the maximum over clients: the privacy each client spent (DP-SGD).
@@ -67,11 +72,15 @@ def _reply_arrays(msg: Message) -> Iterable[ArrayRecord]:
 class FedknStrategy:
     """Mixin: put it first, e.g. ``class FedknFedAvg(FedknStrategy, FedAvg)``."""
 
-    def __init__(self, *args: Any, seed: int = 0, local_keys: Iterable[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, seed: int = 0, local_keys: Iterable[str] = (), min_clients: int = 1, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
+        self.min_clients = int(min_clients)
+        self._sent: dict[tuple[int, str], tuple[list[int], list[Message]]] = {}  # (round, phase) -> (sampled, sent)
         self.local_keys: frozenset[str] = frozenset(local_keys)
         self.round_offset = 0
         self.partition_of: dict[int, int] = {}  # node id -> partition id
@@ -96,16 +105,37 @@ class FedknStrategy:
         return len(self.node_of)
 
     # -- sampling -------------------------------------------------------------------------------------
-    def _resample(self, messages: list[Message], server_round: int, phase: str) -> list[Message]:
-        """Same number of messages as Flower chose, sent to the seeded sample of partitions."""
+    def _online(self, grid: Any, server_round: int, phase: str) -> set[int]:
+        """Node ids of the SuperNodes online now; fewer than min-clients of the federation's stops the run."""
+        online = {int(n) for n in grid.get_node_ids()}
+        if not self.node_of:
+            return online
+        alive = [p for p, n in self.node_of.items() if n in online]
+        if len(alive) < self.min_clients:
+            lost = sorted(p for p, n in self.node_of.items() if n not in online)
+            raise FedknError(
+                f"round {server_round} ({phase}): only {len(alive)} of {len(self.node_of)} SuperNodes are online "
+                f"(lost clients {lost}), fewer than min-clients={self.min_clients}; the run stops, "
+                f"rounds up to {server_round - 1} are saved"
+            )
+        return online
+
+    def _resample(self, messages: list[Message], server_round: int, phase: str, online: set[int]) -> list[Message]:
+        """Flower's sample size for the whole federation, sent to the seeded sample of partitions;
+        sampled partitions whose SuperNode is offline are skipped (they count as lost)."""
         if not messages or not self.node_of:
             return messages
-        pids = sample_partitions(
-            self.num_partitions, len(messages), seed=self.seed, server_round=server_round, phase=phase
-        )
+        if phase == "train":
+            k = sample_size(self.num_partitions, self.fraction_train, self.min_train_nodes)  # type: ignore[attr-defined]
+        else:
+            k = sample_size(self.num_partitions, self.fraction_evaluate, self.min_evaluate_nodes)  # type: ignore[attr-defined]
+        pids = sample_partitions(self.num_partitions, k, seed=self.seed, server_round=server_round, phase=phase)
         content = messages[0].content
         mtype = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
-        return list(self._construct_messages(content, [self.node_of[p] for p in pids], mtype))  # type: ignore[attr-defined]
+        alive = [p for p in pids if self.node_of[p] in online]
+        out = list(self._construct_messages(content, [self.node_of[p] for p in alive], mtype))  # type: ignore[attr-defined]
+        self._sent[(server_round, phase)] = (pids, out)
+        return out
 
     def _strip_local(self, arrays: ArrayRecord) -> ArrayRecord:
         if not self.local_keys:
@@ -113,22 +143,47 @@ class FedknStrategy:
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
 
     def _checked(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
-        """Raise on any client error; otherwise the replies sorted by partition id."""
+        """Replies sorted by partition id. A client's own error stops the run; a lost SuperNode
+        (offline when sampled, no heartbeat, no reply within round-timeout) is dropped while at
+        least min-clients replies remain, else the run stops with one line."""
         replies = list(replies)
+        sampled, sent = self._sent.pop((server_round, phase), (None, []))
+        pid_of_msg = {m.metadata.message_id: self.partition_of.get(m.metadata.dst_node_id) for m in sent}
+        good: list[Message] = []
+        why: dict[int, str] = {}
         for msg in replies:
+            pid = self.partition_of.get(msg.metadata.src_node_id, pid_of_msg.get(msg.metadata.reply_to_message_id, "?"))
             if msg.has_error():
-                pid = self.partition_of.get(msg.metadata.src_node_id, "?")
                 reason = str(msg.error.reason)
-                line = _last_line(reason)
-                raise ClientFailure(f"client {pid} failed in round {server_round} ({phase}): {line}", detail=reason)
-        return sorted(replies, key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
+                if int(msg.error.code) in LOST_NODE_CODES:
+                    if isinstance(pid, int):
+                        why[pid] = "SuperNode unavailable (no heartbeat)"
+                    continue
+                raise ClientFailure(f"client {pid} failed in round {server_round} ({phase}): {_last_line(reason)}", detail=reason)
+            good.append(msg)
+        if sampled is not None:
+            replied = {self.partition_of.get(m.metadata.src_node_id) for m in good}
+            sent_pids = set(pid_of_msg.values())
+            for p in sampled:
+                if p not in replied and p not in why:
+                    why[p] = "no reply within round-timeout" if p in sent_pids else "SuperNode offline"
+            if why:
+                lost = "; ".join(f"client {p}: {w}" for p, w in sorted(why.items()))
+                if len(good) < min(self.min_clients, len(sampled)):
+                    raise FedknError(
+                        f"round {server_round} ({phase}): {len(good)} of {len(sampled)} sampled clients replied, fewer "
+                        f"than min-clients={self.min_clients} ({lost}); the run stops, rounds up to {server_round - 1} are saved"
+                    )
+                log.warning("round %d (%s): continuing with %d of %d clients (%s)", server_round, phase, len(good), len(sampled), lost)
+        return sorted(good, key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
 
     # -- train ------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         r = server_round + self.round_offset
         self._global_arrays = arrays
         send = self._strip_local(arrays)
-        messages = self._resample(list(super().configure_train(r, send, config, grid)), r, "train")  # type: ignore[misc]
+        online = self._online(grid, r, "train")
+        messages = self._resample(list(super().configure_train(r, send, config, grid)), r, "train", online)  # type: ignore[misc]
         self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
         return messages
 
@@ -157,7 +212,8 @@ class FedknStrategy:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
         r = server_round + self.round_offset
         send = self._strip_local(arrays)
-        messages = self._resample(list(super().configure_evaluate(r, send, config, grid)), r, "evaluate")  # type: ignore[misc]
+        online = self._online(grid, r, "evaluate")
+        messages = self._resample(list(super().configure_evaluate(r, send, config, grid)), r, "evaluate", online)  # type: ignore[misc]
         self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
         return messages
 

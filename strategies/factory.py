@@ -40,7 +40,8 @@ def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknSt
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=cfg.num_clients,
+        min_available_nodes=cfg.min_clients,  # not num-clients: Flower would wait forever for a dead SuperNode
+        min_clients=cfg.min_clients,
         seed=cfg.seed,
     )
     if cfg.client_dp != "off":

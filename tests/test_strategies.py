@@ -199,7 +199,9 @@ def test_build_strategy_for_every_name():
     with pytest.raises(FedknError, match="needs a model with BatchNorm"):
         build_strategy(RunConfig(norm="fedbn"))
     s = build_strategy(RunConfig(num_clients=7, fraction_train=0.5, fraction_evaluate=0.2))
-    assert (s.fraction_train, s.fraction_evaluate, s.min_available_nodes) == (0.5, 0.2, 7)
+    assert (s.fraction_train, s.fraction_evaluate, s.min_available_nodes, s.min_clients) == (0.5, 0.2, 1, 1)
+    s = build_strategy(RunConfig(num_clients=7, min_clients=3))
+    assert (s.min_available_nodes, s.min_clients) == (3, 3)
 
 
 @pytest.mark.parametrize("cls, kw", [(FedknFedAvgM, {"server_momentum": 0.9}), (FedknFedAdam, {"eta": 0.1})])
@@ -225,3 +227,26 @@ def test_server_optimizer_state_round_trips(cls, kw):
     np.testing.assert_array_equal(after2["w"].numpy(), resumed["w"].numpy())
     with pytest.raises(FedknError):
         _strategy().load_state_dict(saved)
+
+
+def test_lost_supernodes_are_dropped_while_min_clients_reply():
+    """Deployment: an offline, silent or unavailable SuperNode is skipped; below min-clients the run stops."""
+    s = FedknFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=2, min_clients=2, seed=3)  # as build_strategy
+    s.bind(NODES)
+    w = _arrays(w=np.zeros(1, np.float32))
+    sent = list(s.configure_train(1, w, ConfigRecord(), FakeGrid([101, 205, 309])))  # node 412 (partition 3) is offline
+    assert sorted(NODES[m.metadata.dst_node_id] for m in sent) == [0, 1, 2]
+    for m in sent:  # what the Grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = m.object_id
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    ok = [_reply(n, _arrays(w=np.ones(1, np.float32)), {"train-loss": 1.0, "num-examples": 5}) for n in (101, 205)]
+    gone = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=by_node[309])
+    arrays, _ = s.aggregate_train(1, [gone, *ok])
+    assert s.records[1].clients_trained == 2
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0])
+
+    s.configure_train(2, w, ConfigRecord(), FakeGrid(NODES))
+    with pytest.raises(FedknError, match="1 of 4 sampled clients replied, fewer than min-clients=2"):
+        s.aggregate_train(2, ok[:1])  # the other three never answered within round-timeout
+    with pytest.raises(FedknError, match="only 1 of 4 SuperNodes are online"):
+        s.configure_train(3, w, ConfigRecord(), FakeGrid([101]))

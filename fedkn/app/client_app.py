@@ -16,6 +16,7 @@ the server stops the run with that line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import traceback
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from fedkn.app import task
 from fedkn.config import RunConfig
+from fedkn.data import Federation, build_federation
 from fedkn.errors import FedknError
 from fedkn.results import load_client_state, save_client_state
 from fedkn.train import default_device, evaluate, train_local
@@ -97,6 +99,25 @@ def partition_of(context: Context, num_clients: int | None = None) -> tuple[int,
     return pid, total
 
 
+def node_data_config(cfg: RunConfig, node_config: Any) -> RunConfig:
+    """The run config as this SuperNode sees it: its own ``data-dir``; its ``dataset`` must be the run's."""
+    dataset = node_config.get("dataset")
+    if dataset is not None and str(dataset) != cfg.dataset:
+        raise FedknError(f"this SuperNode holds dataset '{dataset}' (node config) but the run trains on '{cfg.dataset}'")
+    data_dir = node_config.get("data-dir")
+    return cfg.replace(data_dir=str(data_dir)) if data_dir is not None and str(data_dir) != cfg.data_dir else cfg
+
+
+def node_federation(cfg: RunConfig, node_config: Any) -> Federation:
+    """The data this client trains on: partition ``partition-id`` of the run's partitioned dataset, or,
+    with node config ``local-data=true``, all of this SuperNode's own dataset (split train/test)."""
+    if str(node_config.get("local-data", "false")).lower() in ("true", "1", "yes"):
+        own = build_federation(cfg.dataset, 1, "iid", cfg.seed, data_dir=cfg.data_dir or None, test_fraction=cfg.test_fraction)
+        # Whatever its partition id, this client's data is the whole local dataset.
+        return dataclasses.replace(own, clients=(own.client(0),) * cfg.num_clients)
+    return task.federation(cfg)
+
+
 def _local_state(context: Context, extras: dict[str, Any], pid: int, up_to_round: int) -> dict[str, torch.Tensor] | None:
     """This client's BatchNorm state (FedBN): Flower's context state, else its on-disk mirror."""
     if LOCAL_STATE_KEY in context.state.array_records:
@@ -109,8 +130,9 @@ def _local_state(context: Context, extras: dict[str, Any], pid: int, up_to_round
 
 def _prepare(msg: Message, context: Context, *, for_round: int) -> tuple[RunConfig, dict[str, Any], int, Any, torch.nn.Module, list[str]]:
     cfg, extras = parse_message_config(msg)
+    cfg = node_data_config(cfg, context.node_config)
     pid, _ = partition_of(context, cfg.num_clients)
-    fed = task.federation(cfg)
+    fed = node_federation(cfg, context.node_config)
     model = task.cached_model(cfg)
     if "arrays" not in msg.content.array_records:
         raise FedknError("message carries no 'arrays' record")

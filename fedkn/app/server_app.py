@@ -264,6 +264,8 @@ def run_server(
 
     status, error_line = "failed", None
     try:
+        if hasattr(grid, "pull_interval"):  # simulation's InMemoryGrid polls for replies every 0.1 s
+            grid.pull_interval = min(float(grid.pull_interval), 0.01)
         partition_of = discover_partitions(grid, cfg.num_clients, cfg.round_timeout)
         strategy.bind(partition_of, round_offset=start_round)
         remaining = cfg.num_rounds - start_round
@@ -338,7 +340,9 @@ def main(grid: Grid, context: Context) -> None:
         run_server(grid, cfg, run_dir=run_dir)
     except FedknError as err:
         print(f"fedkn: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        # Not SystemExit: Flower marks the run finished:failed with this line only for an Exception
+        # (SystemExit skips its handler; the run then fails later as "No heartbeat received from the task").
+        raise RuntimeError(f"fedkn: {err}") from None
 
 
 def make_server_app(cfg: RunConfig, run_dir: RunDir, *, progress: Progress | None, outcome: ServerOutcome) -> ServerApp:

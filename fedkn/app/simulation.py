@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
@@ -32,17 +33,23 @@ QUIET_ENV: dict[str, str] = {
 }
 
 
-def backend_config(num_cpus: float, num_gpus: float, *, verbose: bool = False) -> dict[str, Any]:
-    """Ray backend settings: resources per ClientApp (e.g. ``num_gpus=0.25``: four per GPU)."""
+def backend_config(
+    num_cpus: float, num_gpus: float, *, verbose: bool = False, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Ray backend settings: resources per ClientApp (e.g. ``num_gpus=0.25``: four per GPU).
+
+    ``ray_address`` (``host:port`` of a ``ray start --head`` node): attach to that Ray cluster
+    instead of starting a private one, so the ClientApps spread over all of its machines.
+    """
     cpus: int | float = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
-    return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": float(num_gpus)},
-        "init_args": {
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
+    init_args: dict[str, Any] = {
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+        "include_dashboard": False,
     }
+    if ray_address:
+        init_args["address"] = ray_address
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": float(num_gpus)}, "init_args": init_args}
 
 
 @contextlib.contextmanager
@@ -94,6 +101,7 @@ def simulate(
     num_gpus: float = 0.0,
     log_file: str | os.PathLike[str] | None = None,
     verbose: bool = False,
+    ray_address: str | None = None,
     on_interrupt: Callable[[], None] | None = None,
 ) -> None:
     """Run ``server_app`` with ``num_clients`` virtual SuperNodes executing ``client_app``.
@@ -105,15 +113,23 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    with quiet_flower(log_file, verbose), _interrupt_handler(on_interrupt):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_clients,
-            backend_name="ray",
-            backend_config=backend_config(num_cpus, num_gpus, verbose=verbose),
-            verbose_logging=False,
-        )
+    # The ServerApp (centralized evaluation) runs in this process beside the Ray actors, which
+    # already use every core: torch's default of one spinning OpenMP thread per core would slow the
+    # evaluation and steal CPU from the clients. One client's share is enough.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(num_cpus)))
+    try:
+        with quiet_flower(log_file, verbose), _interrupt_handler(on_interrupt):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_clients,
+                backend_name="ray",
+                backend_config=backend_config(num_cpus, num_gpus, verbose=verbose, ray_address=ray_address),
+                verbose_logging=False,
+            )
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

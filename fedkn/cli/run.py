@@ -41,6 +41,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last finished round")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the clients on an existing Ray cluster (from `ray start --head`) instead of a local one",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -129,6 +134,7 @@ def run_command(args: argparse.Namespace) -> int:
             num_gpus=cfg.client_num_gpus,
             log_file=run_dir.path / "flower.log",
             verbose=args.verbose,
+            ray_address=args.ray_address,
             on_interrupt=lambda: _interrupted(run_dir),
         )
     except FedknError as err:
