@@ -217,7 +217,8 @@ def test_paired_difference_against_the_best_other_norm() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition: str = "iid", status: str = "finished") -> Path:
+def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition: str = "iid", status: str = "finished",
+              dp_epsilon: float | None = None) -> Path:
     base = RunConfig.from_dict({"num-rounds": len(accs) - 1, "width": 0.125, "num-clients": 3})
     cfg = cell_config(base, Cell(norm, partition, seed), output_dir=root / "runs")
     path = root / "runs" / Cell(norm, partition, seed).name
@@ -230,7 +231,10 @@ def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition:
             "fed_eval_loss": 2 - a, "fed_eval_accuracy": a, "train_loss": 1.0, "train_accuracy": a,
             "clients_trained": 3 if r else 0, "bytes_sent": 1_000_000 if r else 0, "round_time_s": 2.0, "elapsed_s": 2.0 * r,
         })
-    run.write_summary({"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234})
+    summary = {"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234}
+    if dp_epsilon is not None:
+        summary.update(dp_epsilon=dp_epsilon, dp_delta=1e-5)
+    run.write_summary(summary)
     return path
 
 
@@ -325,3 +329,25 @@ def test_help_documents_the_grid(capsys: pytest.CaptureFixture[str]) -> None:
     for word in ("--norms", "--partitions", "--seeds", "--only", "--lr-grid", "client-num-gpus=0.25", "report.md",
                  "validation split", "resumes"):
         assert word in text
+
+
+def test_report_has_an_epsilon_column_for_dp_runs(tmp_path: Path) -> None:
+    """DP cells show their epsilon (max over seeds) so norms are compared at equal privacy."""
+    for seed, eps in enumerate((7.9, 7.998)):
+        _fake_run(tmp_path, "kn", seed, [0.1, 0.5], dp_epsilon=eps)
+    _fake_run(tmp_path, "gn", 0, [0.1, 0.4])  # non-private cell in the same grid
+    assert main(["report", str(tmp_path)]) == 0
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| norm |"))
+    assert header.rstrip().endswith("| ε |")
+    assert next(line for line in lines if line.startswith("| **kn**")).rstrip().endswith("| 8.00 |")
+    assert "∞ (non-private)" in next(line for line in lines if line.startswith("| gn"))
+    tidy = (tmp_path / "final_metrics.csv").read_text().splitlines()
+    assert tidy[0].split(",")[4] == "dp_epsilon"
+
+
+def test_report_of_private_free_runs_has_no_epsilon_column(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5])
+    assert main(["report", str(tmp_path)]) == 0
+    header = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| norm |"))
+    assert "ε" not in header

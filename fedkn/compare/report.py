@@ -37,6 +37,7 @@ TIDY_COLUMNS: tuple[str, ...] = (
     "partition",
     "seed",
     "lr",
+    "dp_epsilon",
     "status",
     "rounds",
     "final_test_accuracy",
@@ -173,6 +174,8 @@ def load_run(path: Path, target: float) -> RunRecord | None:
         "elapsed_s": last.get("elapsed_s", math.nan),
         "model_parameters": summary.get("model_parameters"),
         "bytes_per_round": float(np.mean(sent)) if sent else math.nan,
+        # DP-SGD: the run's cumulative epsilon (max over clients); NaN for non-private runs.
+        "dp_epsilon": float(summary["dp_epsilon"]) if summary.get("dp_epsilon") is not None else math.nan,
     }
     return rec
 
@@ -237,6 +240,8 @@ class Row:
     round_time: float
     params: int | None
     bytes_per_round: float
+    #: Largest DP-SGD epsilon over the seeds (NaN: non-private).
+    epsilon: float = math.nan
 
 
 def aggregate(records: Sequence[RunRecord], norms: Sequence[str], partitions: Sequence[str]) -> list[Row]:
@@ -266,6 +271,7 @@ def aggregate(records: Sequence[RunRecord], norms: Sequence[str], partitions: Se
                     round_time=float(np.mean(times)) if times else math.nan,
                     params=int(params) if params else None,
                     bytes_per_round=float(np.mean(sent)) if sent else math.nan,
+                    epsilon=max(finite(x["dp_epsilon"] for x in f), default=math.nan),
                 )
             )
     return out
@@ -435,6 +441,12 @@ def build_markdown(
         "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation).",
         "",
     ]
+    private = any(math.isfinite(r.epsilon) for r in rows)
+    if private:
+        delta = base.get("dp-delta", "?")
+        out += [f"- **ε**: DP-SGD privacy budget at δ={delta}, cumulative over the run, largest over clients and "
+                "seeds; cells with the same target epsilon are compared at equal privacy. Learning-rate tuning on "
+                "validation data is not counted in this budget.", ""]
     for p in partitions:
         prow = [r for r in rows if r.partition == p]
         if not prow:
@@ -442,13 +454,15 @@ def build_markdown(
         out += [f"## {p}", ""]
         out += _table(
             ["norm", "lr", "final test acc", "best test acc", f"rounds to {100 * target:.0f}%",
-             "final clients' test acc", f"rounds to {100 * target:.0f}% (clients)", "s/round", "params", "MB/round", "seeds"],
+             "final clients' test acc", f"rounds to {100 * target:.0f}% (clients)", "s/round", "params", "MB/round", "seeds"]
+            + (["ε"] if private else []),
             [
                 [f"**{r.norm}**" if r.norm == REFERENCE_NORM else r.norm, fmt_lr(r.lrs), pct_ms(r.final), pct_ms(r.best),
                  fmt_target(r.to_target) if math.isfinite(r.final[0]) else "n/a",
                  pct_ms(r.fed_final), fmt_target(r.fed_to_target),
                  f"{r.round_time:.1f}" if math.isfinite(r.round_time) else "n/a",
                  f"{r.params:,}" if r.params else "n/a", fmt_bytes(r.bytes_per_round), str(len(r.seeds))]
+                + ([f"{r.epsilon:.2f}" if math.isfinite(r.epsilon) else "∞ (non-private)"] if private else [])
                 for r in prow
             ],
         )
