@@ -27,7 +27,6 @@ from fedkn.compare.grid import (
 )
 from fedkn.compare.report import (
     RunRecord,
-    build_report,
     mean_std,
     paired_difference,
     rounds_to_target,

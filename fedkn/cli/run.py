@@ -104,9 +104,8 @@ def run_command(args: argparse.Namespace) -> int:
     cfg, run_dir, resumed = resolve(args)
 
     # Heavy imports (torch, Flower, Ray) only once the arguments are known to be good.
-    from fedkn.app import client_app
-    from fedkn.app.server_app import ServerOutcome, make_server_app, print_progress
-    from fedkn.app.simulation import simulate
+    from fedkn.app.runner import run_in_dir
+    from fedkn.app.server_app import print_progress
 
     ckpt_round = 0
     if resumed:
@@ -122,39 +121,20 @@ def run_command(args: argparse.Namespace) -> int:
     )
     print(f"results: {run_dir.path}" + (f"  (resuming after round {ckpt_round})" if resumed else ""), flush=True)
 
-    outcome = ServerOutcome()
-    server_app = make_server_app(cfg, run_dir, progress=print_progress, outcome=outcome)
     t0 = time.perf_counter()
     try:
-        simulate(
-            server_app,
-            client_app.app,
-            num_clients=cfg.num_clients,
-            num_cpus=cfg.client_num_cpus,
-            num_gpus=cfg.client_num_gpus,
-            log_file=run_dir.path / "flower.log",
+        s = run_in_dir(
+            cfg,
+            run_dir,
+            progress=print_progress,
             verbose=args.verbose,
             ray_address=args.ray_address,
             on_interrupt=lambda: _interrupted(run_dir),
         )
-    except FedknError as err:
-        raise FedknError(f"{err} (results so far: {run_dir.path})") from None
     except KeyboardInterrupt:
         _interrupted(run_dir)
         return 130
-    except Exception as err:  # noqa: BLE001 - Flower/Ray infrastructure failure: one line, details in the log
-        if isinstance(outcome.error, FedknError):
-            raise FedknError(f"{outcome.error} (results so far: {run_dir.path})") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FedknError(
-            f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'}; results so far: {run_dir.path})"
-        ) from None
     wall = time.perf_counter() - t0
-    if isinstance(outcome.error, FedknError):  # raised in the server thread but swallowed upstream
-        raise FedknError(f"{outcome.error} (results so far: {run_dir.path})")
-    s = outcome.summary
-    if not s or s.get("status") != "finished":
-        raise FedknError(f"the run did not finish (status {s.get('status', 'unknown')}); see {run_dir.path}")
     best = f" (best {_pct(s['best_test_accuracy'])} at round {s['best_round']})" if s.get("best_round") is not None else ""
     print(
         f"done: {s['rounds_completed']} rounds in {wall:.1f}s wall  |  final test acc {_pct(s['final_test_accuracy'])}{best}"

@@ -299,39 +299,10 @@ def run_one(
     the server app resumes from ``model.pt`` when the directory has one. Several calls in one
     process are fine: each starts and stops its own Ray instance (about 10 s each).
     """
-    from fedkn.app import client_app
-    from fedkn.app.server_app import ServerOutcome, make_server_app
-    from fedkn.app.simulation import simulate
+    from fedkn.app.runner import run_in_dir
     from fedkn.results import RunDir
 
-    run_dir = RunDir(path)
-    outcome = ServerOutcome()
-    server_app = make_server_app(cfg, run_dir, progress=progress, outcome=outcome)
-    try:
-        simulate(
-            server_app,
-            client_app.app,
-            num_clients=cfg.num_clients,
-            num_cpus=cfg.client_num_cpus,
-            num_gpus=cfg.client_num_gpus,
-            log_file=run_dir.path / "flower.log",
-            verbose=verbose,
-        )
-    except FedknError as err:
-        raise FedknError(f"{err} (run: {run_dir.path})") from None
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # noqa: BLE001 - Flower/Ray failure: one line, details in the log
-        if isinstance(outcome.error, FedknError):
-            raise FedknError(f"{outcome.error} (run: {run_dir.path})") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FedknError(f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'})") from None
-    if isinstance(outcome.error, FedknError):
-        raise FedknError(f"{outcome.error} (run: {run_dir.path})")
-    s = outcome.summary
-    if not s or s.get("status") != "finished":
-        raise FedknError(f"the run did not finish (status {s.get('status', 'unknown')}); see {run_dir.path}")
-    return s
+    return run_in_dir(cfg, RunDir(path), progress=progress, verbose=verbose)
 
 
 def indent_progress(prefix: str = "      ") -> Callable[[dict[str, Any], RunConfig], None]:

@@ -432,8 +432,8 @@ def build_markdown(
         f"Runs: {len(finished)} finished" + (f", {len(unfinished)} unfinished (not in the tables)" if unfinished else "")
         + f"; seeds {', '.join(map(str, seeds)) or 'none'}. Accuracies in %, mean ± std over seeds (sample std).",
         "",
-        f"- **test acc**: global model on the global test set (centralized), after the last round / best round. "
-        f"FedBN has no usable global model (BatchNorm stays on the clients): n/a.",
+        "- **test acc**: global model on the global test set (centralized), after the last round / best round. "
+        "FedBN has no usable global model (BatchNorm stays on the clients): n/a.",
         "- **clients' test acc**: federated evaluation on the clients' held-out local splits "
         "(each client with its own BatchNorm under FedBN), after the last round.",
         f"- **rounds to {100 * target:.0f}%**: first round reaching the target, mean over the seeds that reached it.",

@@ -1,0 +1,66 @@
+"""Run one RunConfig into a run directory on Flower's simulation engine: what ``fedkn run`` and
+every ``fedkn compare`` cell do, written once.
+
+Failures of any layer (a client's FedknError, the server's, Flower/Ray infrastructure) become one
+:class:`FedknError` line that names where the finished rounds are; details go to ``flower.log``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedkn.config import RunConfig
+from fedkn.errors import FedknError
+from fedkn.results import RunDir
+
+
+def run_in_dir(
+    cfg: RunConfig,
+    run_dir: RunDir,
+    *,
+    progress: Callable[[dict[str, Any], RunConfig], None] | None = None,
+    verbose: bool = False,
+    ray_address: str | None = None,
+    on_interrupt: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, when ``run_dir`` holds a checkpoint) ``cfg``; return the final summary.
+
+    KeyboardInterrupt propagates to the caller. Several calls in one process are fine: each starts
+    and stops its own Ray instance unless ``ray_address`` names a running cluster.
+    """
+    # Heavy imports (torch, Flower, Ray) only when a run really starts.
+    from fedkn.app import client_app
+    from fedkn.app.server_app import ServerOutcome, make_server_app
+    from fedkn.app.simulation import simulate
+
+    where = f"results so far: {run_dir.path}"
+    outcome = ServerOutcome()
+    server_app = make_server_app(cfg, run_dir, progress=progress, outcome=outcome)
+    try:
+        simulate(
+            server_app,
+            client_app.app,
+            num_clients=cfg.num_clients,
+            num_cpus=cfg.client_num_cpus,
+            num_gpus=cfg.client_num_gpus,
+            log_file=run_dir.path / "flower.log",
+            verbose=verbose,
+            ray_address=ray_address,
+            on_interrupt=on_interrupt,
+        )
+    except FedknError as err:
+        raise FedknError(f"{err} ({where})") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - Flower/Ray infrastructure failure: one line, details in the log
+        if isinstance(outcome.error, FedknError):
+            raise FedknError(f"{outcome.error} ({where})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FedknError(f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'}; {where})") from None
+    if isinstance(outcome.error, FedknError):  # raised in the server thread but swallowed upstream
+        raise FedknError(f"{outcome.error} ({where})")
+    summary = outcome.summary
+    if not summary or summary.get("status") != "finished":
+        raise FedknError(f"the run did not finish (status {summary.get('status', 'unknown')}); see {run_dir.path}")
+    return summary
