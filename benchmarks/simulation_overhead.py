@@ -19,7 +19,6 @@ order (loop, fedkn, fedkn, loop, ...) so background load hits both alike. Target
 fedkn's steady time per round <= 1.15x the loop's at 100 clients x 10% sampling.
 
     python benchmarks/simulation_overhead.py                  # 100 clients, 10% sampled, 6 rounds, 3 repeats
-    python benchmarks/simulation_overhead.py --preview-fixes  # plus an arm emulating the proposed fixes
     python benchmarks/simulation_overhead.py --quick          # smoke run: 4 clients, 2 rounds, 1 repeat
 """
 
@@ -265,34 +264,6 @@ def ray_stopped_after() -> Iterator[None]:
             ray.shutdown()
 
 
-@contextlib.contextmanager
-def proposed_fixes() -> Iterator[None]:
-    """Emulate, in this process only, the two fedkn changes proposed in benchmarks/README.md:
-
-    1. the driver (ServerApp: centralized evaluation) runs torch with 1 thread during a simulation,
-       instead of one per core: the Ray actors already use every core, and torch's spinning
-       OpenMP threads then slow everything down;
-    2. the ServerApp's in-memory grid polls for replies every 10 ms instead of Flower's 100 ms.
-    """
-    import torch
-    from flwr.superlink.grid import inmemory_grid
-
-    threads = torch.get_num_threads()
-    init = inmemory_grid.InMemoryGrid.__init__
-
-    def patched(self: Any, *a: Any, **k: Any) -> None:
-        init(self, *a, **k)
-        self.pull_interval = min(self.pull_interval, 0.01)
-
-    torch.set_num_threads(1)
-    inmemory_grid.InMemoryGrid.__init__ = patched  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        inmemory_grid.InMemoryGrid.__init__ = init  # type: ignore[method-assign]
-
-
 def run_fedkn(
     cfg: Any,
     out_root: Path,
@@ -514,8 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-threads", type=int, default=1,
                         help="torch threads of the plain loop (default 1, what each Ray actor gets with client-num-cpus 1; "
                         "0: torch's default)")
-    parser.add_argument("--preview-fixes", action="store_true",
-                        help="also run a third arm, 'fedkn+fixes', emulating the fedkn changes proposed in benchmarks/README.md")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side, order alternating (default 3)")
     parser.add_argument("--out", default=None, help="keep fedkn's run directories here (default: a temp dir, removed)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -539,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     loop_threads = args.loop_threads or torch.get_num_threads()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch threads: loop {loop_threads}, "
           f"fedkn driver {torch.get_num_threads()}, Ray actors 1 per client-num-cpus; repeats {args.repeats} (order alternates)")
-    sides = ["loop", "fedkn"] + (["fedkn+fixes"] if args.preview_fixes else [])
+    sides = ["loop", "fedkn"]
     runs: list[RunTiming] = []
     try:
         for i in range(args.repeats):
@@ -548,8 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 if side == "loop":
                     t = run_loop(cfg, args.loop_threads or None)
                 else:
-                    with proposed_fixes() if side == "fedkn+fixes" else contextlib.nullcontext():
-                        t = run_fedkn(cfg, out, verbose=args.verbose, exit_timeout=exit_timeout)
+                    t = run_fedkn(cfg, out, verbose=args.verbose, exit_timeout=exit_timeout)
                     t.side = side
                 runs.append(t)
                 print(f"  repeat {i + 1} {side:11}: startup {t.startup_s:6.2f}s  rounds [{_fmt_rounds(t.round_s)}]s  "
@@ -593,9 +561,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-repeat ratio {n}/loop (steady round): {' '.join(f'{x:.2f}' for x in steady_ratios(n))}")
     ratio = agg("fedkn", lambda r: r.steady_s) / agg("loop", lambda r: r.steady_s)
     print(f"ratio fedkn/loop time per round = {ratio:.2f}")
-    if args.preview_fixes:
-        fixed = agg("fedkn+fixes", lambda r: r.steady_s) / agg("loop", lambda r: r.steady_s)
-        print(f"ratio fedkn+fixes/loop time per round = {fixed:.2f} (prototype of the proposed changes, not fedkn as committed)")
     print(f"target: fedkn time per round <= {TARGET}x plain loop -> {'met' if ratio <= TARGET else 'NOT met'}")
     killed = [pid for r in runs for pid in r.extra.get("killed", [])]
     print(f"processes left after the fedkn runs: {'none' if not killed else f'{len(killed)} (stopped by pid: {killed})'}")
