@@ -40,6 +40,7 @@ class RunConfig:
     num_clients: int = 10
     partition: str = "dir0.3"  # iid | dir<alpha> | shards<k> | classes-balance:... (fedkn.data)
     test_fraction: float = 0.2  # share of each client's data held out as its local test split
+    val_fraction: float = 0.0  # share held out as validation (lr tuning scores on it; never trained on)
     augment: bool = False
     # --- model ---------------------------------------------------------------------------------
     model: str = "resnet8"
@@ -59,6 +60,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_batch_size: int = 256
+    eval_every: int = 1  # centralized test evaluation every k rounds (round 0 and the last always)
     # --- strategy options ------------------------------------------------------------------------
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 1.0  # fedavgm
@@ -279,11 +281,15 @@ def _validate(cfg: RunConfig) -> None:
     _check(cfg.num_rounds >= 1, "num-rounds", "at least 1", cfg.num_rounds)
     _check(cfg.batch_size >= 1, "batch-size", "at least 1", cfg.batch_size)
     _check(cfg.eval_batch_size >= 1, "eval-batch-size", "at least 1", cfg.eval_batch_size)
+    _check(cfg.eval_every >= 1, "eval-every", "at least 1", cfg.eval_every)
     _check(cfg.local_epochs >= 1, "local-epochs", "at least 1", cfg.local_epochs)
     _check(cfg.local_steps >= 0, "local-steps", "0 (use local-epochs) or more", cfg.local_steps)
     _check(0.0 < cfg.fraction_train <= 1.0, "fraction-train", "in (0, 1]", cfg.fraction_train)
     _check(0.0 <= cfg.fraction_evaluate <= 1.0, "fraction-evaluate", "in [0, 1]", cfg.fraction_evaluate)
     _check(0.0 <= cfg.test_fraction < 1.0, "test-fraction", "in [0, 1)", cfg.test_fraction)
+    _check(0.0 <= cfg.val_fraction < 1.0, "val-fraction", "in [0, 1)", cfg.val_fraction)
+    _check(cfg.test_fraction + cfg.val_fraction < 1.0, "test-fraction + val-fraction", "below 1 (room for training)",
+           cfg.test_fraction + cfg.val_fraction)
     _check(cfg.lr > 0.0, "lr", "positive", cfg.lr)
     _check(0.0 <= cfg.momentum < 1.0, "momentum", "in [0, 1)", cfg.momentum)
     _check(cfg.weight_decay >= 0.0, "weight-decay", "0 or more", cfg.weight_decay)

@@ -285,12 +285,16 @@ def plot_metrics(rows: list[Mapping[str, float]], path: str | Path, *, title: st
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    def series(key: str) -> tuple[list[int], list[float]]:
+        # Rounds without a value (no evaluation that round, eval-every > 1) are left out, not gaps.
+        pts = [(r["round"], v) for r in rows if math.isfinite(v := float(r.get(key, math.nan)))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
     for key, label in (("test_accuracy", "global test"), ("fed_eval_accuracy", "clients' test"), ("train_accuracy", "train")):
-        ax_acc.plot(rounds, [r.get(key, math.nan) for r in rows], marker="o", ms=3, label=label)
+        ax_acc.plot(*series(key), marker="o", ms=3, label=label)
     for key, label in (("test_loss", "global test"), ("fed_eval_loss", "clients' test"), ("train_loss", "train")):
-        ax_loss.plot(rounds, [r.get(key, math.nan) for r in rows], marker="o", ms=3, label=label)
+        ax_loss.plot(*series(key), marker="o", ms=3, label=label)
     ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="accuracy")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     for ax in (ax_acc, ax_loss):

@@ -146,10 +146,15 @@ def test_knconv_scripts_and_compiles_shape():
     torch.testing.assert_close(traced(x), layer(x))
 
 
-def test_knconv_training_dropout_gradcheck_and_reference():
-    """Training mode: statistics from the dropped-out input, convolution on the original input."""
+@pytest.mark.parametrize("padding", [(1, 0, 1, 0), 1])
+def test_knconv_training_dropout_gradcheck_and_reference(padding):
+    """Training mode: statistics from the dropped-out input, convolution on the original input.
+
+    The mask is drawn over the padded input when the padding is asymmetric and over the input
+    itself when the convolution pads (symmetric padding); the padded zeros are zeros either way.
+    """
     torch.manual_seed(0)
-    layer = KNConv2d(3, 4, 2, 1, (1, 0, 1, 0), dropout_p=0.3).double().train()
+    layer = KNConv2d(3, 4, 2, 1, padding, dropout_p=0.3).double().train()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
 
     def seeded(inp):
@@ -159,11 +164,15 @@ def test_knconv_training_dropout_gradcheck_and_reference():
     assert torch.autograd.gradcheck(seeded, (x,))
     # Reference with the same mask: unit stats of the masked/rescaled input, normalizing the original.
     torch.manual_seed(123)
-    keep = torch.empty_like(F.pad(x, layer.padding), dtype=torch.bool).bernoulli_(0.7)
     x_pad = F.pad(x, layer.padding)
-    dropped = F.unfold(x_pad * keep / 0.7, 2)
+    if padding == 1:
+        dropped_pad = F.pad(x * (torch.rand_like(x) >= 0.3) / 0.7, layer.padding)
+    else:
+        dropped_pad = x_pad * (torch.rand_like(x_pad) >= 0.3) / 0.7
+    dropped = F.unfold(dropped_pad, 2)
     units = F.unfold(x_pad, 2)
     var, mu = torch.var_mean(dropped, dim=1, keepdim=True, correction=0)
     normed = (units - mu) / torch.sqrt(var + layer.eps)
-    expected = (layer.weight.view(4, -1) @ normed).view(2, 4, 5, 5) + layer.bias.view(1, -1, 1, 1)
+    h = x_pad.shape[-1] - 1
+    expected = (layer.weight.view(4, -1) @ normed).view(2, 4, h, h) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(seeded(x), expected)

@@ -112,7 +112,8 @@ def node_federation(cfg: RunConfig, node_config: Any) -> Federation:
     """The data this client trains on: partition ``partition-id`` of the run's partitioned dataset, or,
     with node config ``local-data=true``, all of this SuperNode's own dataset (split train/test)."""
     if str(node_config.get("local-data", "false")).lower() in ("true", "1", "yes"):
-        own = build_federation(cfg.dataset, 1, "iid", cfg.seed, data_dir=cfg.data_dir or None, test_fraction=cfg.test_fraction)
+        own = build_federation(cfg.dataset, 1, "iid", cfg.seed, data_dir=cfg.data_dir or None,
+                               test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction)
         # Whatever its partition id, this client's data is the whole local dataset.
         return dataclasses.replace(own, clients=(own.client(0),) * cfg.num_clients)
     return task.federation(cfg)

@@ -27,6 +27,7 @@ def federation(cfg: RunConfig) -> Federation:
         cfg.seed,
         data_dir=cfg.data_dir or None,
         test_fraction=cfg.test_fraction,
+        val_fraction=cfg.val_fraction,
     )
 
 

@@ -73,6 +73,10 @@ def plot_accuracy(
             if c is None:
                 continue
             rounds, arr = c
+            scored = np.isfinite(arr).any(axis=0)  # rounds without evaluation (eval-every > 1) are skipped
+            if not scored.any():
+                continue
+            rounds, arr = np.asarray(rounds)[scored], arr[:, scored]
             mean = np.nanmean(arr, axis=0)
             color = COLORS.get(n)
             ax.plot(rounds, mean, label=f"{n} (n={arr.shape[0]})", color=color, lw=1.6)

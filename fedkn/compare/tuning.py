@@ -268,7 +268,9 @@ def tune(
     from fedkn.compare.grid import TUNE_DIR, Cell, cell_config, run_cells
 
     tune_root = out / TUNE_DIR
-    extra: dict[str, Any] = {"num_rounds": spec.rounds}
+    # Tuning runs are scored on the validation split after their last round, so the test set is
+    # evaluated only at round 0 and the end (its accuracy plays no part in the choice).
+    extra: dict[str, Any] = {"num_rounds": spec.rounds, "eval_every": spec.rounds}
     if supports_val_fraction() and spec.val_fraction > 0:
         extra["val_fraction"] = spec.val_fraction
     jobs = []

@@ -145,10 +145,9 @@ def kn_statistics(layer: KNConv2d, x: Tensor, rng: Any = None) -> tuple[Tensor, 
     ``rng`` is the state :func:`attach_kn_statistics` saved before the forward pass (needed only in
     training mode with dropout, where the statistics come from a dropped-out copy of the input).
     """
-    x_pad = F.pad(x, layer.padding)
     dropout = layer.training and layer.dropout_p > 0
     if not dropout:
-        mean, var = unit_statistics(x_pad, layer.kernel_size, layer.stride, 0.0, False)
+        mean, var = unit_statistics(x, layer.kernel_size, layer.stride, layer.padding, 0.0, False)
     else:
         if rng is None:
             raise FedknError(
@@ -161,7 +160,7 @@ def kn_statistics(layer: KNConv2d, x: Tensor, rng: Any = None) -> tuple[Tensor, 
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, x.device)
-            mean, var = unit_statistics(x_pad, layer.kernel_size, layer.stride, layer.dropout_p, True)
+            mean, var = unit_statistics(x, layer.kernel_size, layer.stride, layer.padding, layer.dropout_p, True)
     return mean, torch.rsqrt(var + layer.eps)
 
 
