@@ -46,23 +46,28 @@ def _metrics(run_dir: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["kn", "gn"])
-def test_one_round_end_to_end(tmp_path, capsys, norm):
-    run_dir = _run(tmp_path, "--norm", norm, "--set", "num-rounds=1", "--set", f"name=e2e-{norm}")
+@pytest.mark.parametrize(("norm", "rounds", "eval_every"), [("kn", 1, 1), ("gn", 3, 2)])
+def test_end_to_end(tmp_path, capsys, norm, rounds, eval_every):
+    """One short run per norm; the gn one also checks eval-every (test set scored at rounds 0, 2, 3)."""
+    run_dir = _run(tmp_path, "--norm", norm, "--set", f"num-rounds={rounds}", "--set", f"eval-every={eval_every}",
+                   "--set", f"name=e2e-{norm}")
     out = capsys.readouterr().out
-    assert "round   1/1  test acc" in out and "done: 1 rounds" in out
+    assert f"round   {rounds}/{rounds}  test acc" in out and f"done: {rounds} rounds" in out
     assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "metrics.csv", "summary.json", "metrics.png", "model.pt"}
     df = _metrics(run_dir)
     assert list(df.columns) == list(METRIC_COLUMNS)
-    assert list(df["round"]) == [0, 1]
+    assert list(df["round"]) == list(range(rounds + 1))
+    scored = [r for r in range(rounds + 1) if r % eval_every == 0 or r == rounds]
+    assert list(df["round"][df["test_accuracy"].notna()]) == scored
+    assert df["fed_eval_accuracy"].iloc[1:].notna().all()  # federated evaluation runs every round
     last = df.iloc[-1]
     assert 0.0 <= last["test_accuracy"] <= 1.0 and math.isfinite(last["test_loss"])
     assert math.isfinite(last["fed_eval_accuracy"]) and math.isfinite(last["train_loss"])
     assert last["clients_trained"] == 3 and last["bytes_sent"] > 0
     ckpt = load_checkpoint(run_dir / "model.pt")
-    assert ckpt.round == 1 and all(isinstance(v, torch.Tensor) for v in ckpt.model.values())
+    assert ckpt.round == rounds and all(isinstance(v, torch.Tensor) for v in ckpt.model.values())
     summary = pd.read_json(run_dir / "summary.json", typ="series")
-    assert summary["status"] == "finished" and summary["norm"] == norm and summary["rounds_completed"] == 1
+    assert summary["status"] == "finished" and summary["norm"] == norm and summary["rounds_completed"] == rounds
 
 
 @pytest.mark.slow

@@ -293,6 +293,7 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
         (["compare", "--only", "width=2", "--dry-run"], "not one of norm, partition, seed"),
         (["compare", "--norms", "kn,xn", "--dry-run"], "unknown norm 'xn'"),
         (["compare", "--tune-rounds", "2", "--dry-run"], "only apply with --lr-grid"),
+        (["compare", "--lr-grid", "0.1,0.2", "--val-fraction", "1", "--dry-run"], "--val-fraction must be in [0, 1)"),
         (["compare", "--target", "1.5", "--dry-run"], "--target"),
         (["compare", "--set", "batch-size=1", "--norms", "kn,bn", "--dry-run"], "batch-size 1"),
         (["report", "/nonexistent/dir"], "does not exist"),

@@ -80,12 +80,10 @@ def test_only_rerun_reproduces_committed_metrics(grid_dir: Path, tmp_path: Path)
 
 
 def test_validation_score_is_the_held_out_federated_score(grid_dir: Path) -> None:
-    """Without a val split, tuning scores the clients' held-out local splits, which the
-    federated evaluation also reports: the two computations must agree."""
-    from fedkn.compare.tuning import supports_val_fraction, validation_score
+    """Without a val split (val-fraction 0, as in these grid runs), tuning scores the clients'
+    held-out local splits, which the federated evaluation also reports: the two must agree."""
+    from fedkn.compare.tuning import validation_score
 
-    if supports_val_fraction():
-        pytest.skip("runs carry a val split; the held-out fallback is not used")
     acc, loss, n, source = validation_score(grid_dir / RUNS_DIR / "kn_iid_s0")
     last = _metrics(grid_dir / RUNS_DIR / "kn_iid_s0")[-1]
     assert source == "clients' held-out local splits" and n > 0
@@ -108,6 +106,7 @@ def test_lr_tuning_picks_best_validation_score_and_flags_edge(tmp_path: Path) ->
     choice = choices[("kn", "iid")]
     assert choice.lr == best.lr and choice.edge in ("low", "high") and choice.at_edge
     assert all(math.isfinite(p.val_accuracy) and p.val_examples > 0 for p in points)
+    assert {p.val_source for p in points} == {"clients' val splits"}  # the default --val-fraction 0.1
     # scored runs are not run again
     again = tune(base, [("kn", "iid")], spec, tmp_path)
     assert again[("kn", "iid")].lr == choice.lr

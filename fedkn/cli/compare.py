@@ -65,6 +65,7 @@ norms: kn, gn, ln, bn, fedbn (bn with the FedBN strategy), none, wsgn.
 def register(subparsers: Any) -> None:
     from fedkn.compare.grid import DEFAULT_NORMS, DEFAULT_PARTITIONS, DEFAULT_SEEDS
     from fedkn.compare.report import DEFAULT_TARGET
+    from fedkn.compare.tuning import DEFAULT_VAL_FRACTION
 
     p = subparsers.add_parser(
         "compare",
@@ -96,8 +97,8 @@ def register(subparsers: Any) -> None:
                    help="'all': tune each norm on each partition (default); a partition: tune each norm there and use its "
                         "lr on every partition")
     t.add_argument("--val-fraction", type=float, default=None, metavar="F",
-                   help="share of each client's data held out as validation in tuning runs (needs a run config with "
-                        "val-fraction; otherwise the clients' held-out local splits are the validation data)")
+                   help=f"share of each client's training data held out as the validation split that tuning runs "
+                        f"are scored on (default: {DEFAULT_VAL_FRACTION:g}); 0 scores the clients' held-out local splits")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory (default: runs/compare)")
     o.add_argument("--target", type=float, default=DEFAULT_TARGET, metavar="ACC",
@@ -146,7 +147,7 @@ def compare_command(args: argparse.Namespace) -> int:
         select,
     )
     from fedkn.compare.report import build_report, write_meta
-    from fedkn.compare.tuning import DEFAULT_VAL_FRACTION, TuneSpec, parse_lr_grid, supports_val_fraction
+    from fedkn.compare.tuning import DEFAULT_VAL_FRACTION, TuneSpec, parse_lr_grid
     from fedkn.config import RunConfig
 
     # --- everything is checked before anything runs -------------------------------------------------
@@ -180,11 +181,8 @@ def compare_command(args: argparse.Namespace) -> int:
             on = next((p for p in partitions if canonical_partition(p) == canon), on)
         vf = args.val_fraction
         if vf is not None:
-            if not 0.0 < vf < 1.0:
-                raise FedknError(f"--val-fraction must be in (0, 1), got {vf:g}")
-            if not supports_val_fraction():
-                raise FedknError("--val-fraction needs a run config with a val-fraction key, which this fedkn lacks; "
-                                 "drop it (tuning then scores on the clients' held-out local splits)")
+            if not 0.0 <= vf < 1.0:
+                raise FedknError(f"--val-fraction must be in [0, 1), got {vf:g}")
         spec = TuneSpec(tuple(grid), rounds, tune_seed, on, vf if vf is not None else DEFAULT_VAL_FRACTION)
     elif any(x is not None for x in (args.tune_rounds, args.tune_seed, args.val_fraction)) or args.tune_on != "all":
         raise FedknError("--tune-rounds/--tune-seed/--tune-on/--val-fraction only apply with --lr-grid")

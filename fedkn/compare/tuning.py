@@ -7,9 +7,9 @@ data** (:func:`validation_score`), and the group's lr is the one with the best v
 accuracy (ties: lower validation loss, then the smaller lr). A choice at either end of the grid is
 flagged: the grid should be widened on that side.
 
-Which validation split: when the run config carries ``val-fraction > 0`` (and the app passes it
-to ``build_federation``, so those samples never reach training), the union of the clients' ``val``
-splits. Without it, the union of the clients' held-out local splits (``test-fraction`` of each
+Which validation split: when the run config carries ``val-fraction > 0`` (``fedkn compare`` sets
+``--val-fraction``, default 0.1, in every tuning run; those samples never reach training), the
+union of the clients' ``val`` splits. Without it, the union of the clients' held-out local splits (``test-fraction`` of each
 client's share): carved from the clients' training data and never trained on, but the same split
 that the tuning run's federated evaluation reports. Either way the global test set, which the
 report's test-accuracy columns use, is never looked at during tuning.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,6 @@ from fedkn.errors import FedknError
 
 SCORE_FILE = "val_score.json"
 DEFAULT_VAL_FRACTION = 0.1
-
-
-def supports_val_fraction() -> bool:
-    """Whether RunConfig has a ``val_fraction`` field (so training can leave a val split out)."""
-    return any(f.name == "val_fraction" for f in fields(RunConfig))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +266,7 @@ def tune(
     # Tuning runs are scored on the validation split after their last round, so the test set is
     # evaluated only at round 0 and the end (its accuracy plays no part in the choice).
     extra: dict[str, Any] = {"num_rounds": spec.rounds, "eval_every": spec.rounds}
-    if supports_val_fraction() and spec.val_fraction > 0:
+    if spec.val_fraction > 0:
         extra["val_fraction"] = spec.val_fraction
     jobs = []
     for norm, partition in groups:
