@@ -420,8 +420,9 @@ def build_markdown(
     if meta.get("command"):
         out += ["Produced by:", "", "```bash", str(meta["command"]), "```", ""]
     if base:
-        keys = ("dataset", "model", "width", "num-clients", "num-rounds", "fraction-train", "batch-size",
-                "local-epochs", "local-steps", "lr", "momentum", "weight-decay", "test-fraction")
+        keys = ("dataset", "model", "width", "num-clients", "num-rounds", "fraction-train", "fraction-evaluate",
+                "batch-size", "local-epochs", "local-steps", "lr", "momentum", "weight-decay", "test-fraction",
+                "eval-every")
         if meta.get("tuning"):
             keys = tuple(k for k in keys if k != "lr")  # per cell, tuned (see the tables)
         shown = ", ".join(f"{k} {base[k]}" for k in keys if k in base)
@@ -436,7 +437,9 @@ def build_markdown(
         "FedBN has no usable global model (BatchNorm stays on the clients): n/a.",
         "- **clients' test acc**: federated evaluation on the clients' held-out local splits "
         "(each client with its own BatchNorm under FedBN), after the last round.",
-        f"- **rounds to {100 * target:.0f}%**: first round reaching the target, mean over the seeds that reached it.",
+        f"- **rounds to {100 * target:.0f}%**: first round reaching the target, mean over the seeds that reached it"
+        + (f" (the global test set is scored every {every} rounds, so the test column counts in steps of {every}; "
+           "the clients' column is scored every round)." if (every := int(base.get("eval-every", 1) or 1)) > 1 else "."),
         "- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
         "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation).",
         "",
