@@ -167,7 +167,7 @@ def test_fake_cifar100_round_trips(tmp_path: Path) -> None:
 
 
 def test_missing_cifar_file_names_the_file(tmp_path: Path) -> None:
-    expected = r"cifar-10-batches-py/batches.meta not found.*CIFAR10\(root=DIR, download=True\)"
+    expected = r"cifar-10-batches-py/batches.meta not found.*torchvision's CIFAR10 dataset, fetched into DIR"
     with pytest.raises(FedknError, match=expected):
         load_dataset("cifar10", "train", tmp_path)
     _write_cifar10(tmp_path / "partial")

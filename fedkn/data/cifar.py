@@ -39,8 +39,8 @@ def load_cifar(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     """(images uint8 (N,3,32,32), labels, classes) of ``split`` of ``"cifar10"`` or ``"cifar100"``."""
     layout = _LAYOUT[name]
     how = (
-        f"torchvision.datasets.{layout['torchvision']}(root=DIR, download=True) on a machine with internet "
-        "creates it; then pass DIR as data_dir"
+        f"torchvision's {layout['torchvision']} dataset, fetched into DIR on a machine with internet access, "
+        "creates it; then copy DIR here and pass it as data_dir"
     )
     if data_dir is None:
         raise FedknError(f"dataset {name!r} needs a data directory; {how}.")

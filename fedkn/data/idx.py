@@ -24,8 +24,8 @@ _CLASSES: dict[str, tuple[str, ...]] = {
 }
 _TORCHVISION_SUBDIR = {"mnist": Path("MNIST", "raw"), "fmnist": Path("FashionMNIST", "raw")}
 _HOW_TO_GET = {
-    "mnist": "copy the MNIST IDX files there (torchvision.datasets.MNIST(root, download=True) "
-    "on a machine with internet makes them) and pass that directory as data_dir",
+    "mnist": "copy the MNIST IDX files there (fetched with torchvision's MNIST dataset on a machine "
+    "with internet access) and pass that directory as data_dir",
     "fmnist": "install them with `apt-get install dataset-fashion-mnist` "
     "or pass the directory holding them as data_dir",
 }

@@ -169,6 +169,14 @@ def unit_statistics(
     (``fedkn.privacy``) reproduces it.
     """
     src, pool_pad = split_padding(x, padding, kernel_size)
+    return _source_statistics(src, pool_pad, kernel_size, stride, dropout_p, training)
+
+
+def _source_statistics(
+    src: Tensor, pool_pad: tuple[int, int], kernel_size: tuple[int, int], stride: tuple[int, int],
+    dropout_p: float, training: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`unit_statistics` on :func:`split_padding`'s output (KNConv2d reuses it for the conv)."""
     keep, scale = None, 1.0
     if training and dropout_p > 0:
         keep = torch.rand_like(src) >= dropout_p  # P(keep) = 1 - p; faster than bernoulli_ on CPU
@@ -274,8 +282,8 @@ class KNConv2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        mean, var = unit_statistics(x, self.kernel_size, self.stride, self.padding, self.dropout_p, self.training)
-        src, conv_pad = split_padding(x, self.padding, self.kernel_size)
+        src, conv_pad = split_padding(x, self.padding, self.kernel_size)  # padded at most once
+        mean, var = _source_statistics(src, conv_pad, self.kernel_size, self.stride, self.dropout_p, self.training)
         out = F.conv2d(src, self.weight, None, self.stride, conv_pad, 1, self.groups)
         return _Standardize.apply(out, mean, torch.rsqrt(var + self.eps), self.weight.sum(dim=(1, 2, 3)), self.bias)
 
