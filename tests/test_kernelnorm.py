@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fedkn.nn import KernelNorm2d, KNConv2d
+from fedkn.nn.kernelnorm import draw_dropped
 
 
 def reference_units(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], pad: tuple[int, int, int, int], eps: float):
@@ -165,10 +166,12 @@ def test_knconv_training_dropout_gradcheck_and_reference(padding):
     # Reference with the same mask: unit stats of the masked/rescaled input, normalizing the original.
     torch.manual_seed(123)
     x_pad = F.pad(x, layer.padding)
-    if padding == 1:
-        dropped_pad = F.pad(x * (torch.rand_like(x) >= 0.3) / 0.7, layer.padding)
-    else:
-        dropped_pad = x_pad * (torch.rand_like(x_pad) >= 0.3) / 0.7
+    src = x if padding == 1 else x_pad
+    index, valid = draw_dropped(src.numel(), 0.3)
+    keep = torch.ones(src.numel(), dtype=torch.bool)
+    keep[index[valid]] = False
+    dropped_src = src * keep.view_as(src) / 0.7
+    dropped_pad = F.pad(dropped_src, layer.padding) if padding == 1 else dropped_src
     dropped = F.unfold(dropped_pad, 2)
     units = F.unfold(x_pad, 2)
     var, mu = torch.var_mean(dropped, dim=1, keepdim=True, correction=0)
@@ -176,3 +179,63 @@ def test_knconv_training_dropout_gradcheck_and_reference(padding):
     h = x_pad.shape[-1] - 1
     expected = (layer.weight.view(4, -1) @ normed).view(2, 4, h, h) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(seeded(x), expected)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_draw_dropped_is_a_bernoulli_mask(p):
+    """The sparse draw is a Bernoulli(p) mask: unique in-range indices, the right rate everywhere."""
+    numel = 200_000
+    torch.manual_seed(0)
+    index, valid = draw_dropped(numel, p)
+    drops = index[valid]
+    assert bool((drops[1:] > drops[:-1]).all()) and int(drops.max()) < numel  # increasing, so unique
+    assert bool(valid[: len(drops)].all()) and not bool(valid[len(drops) :].any())  # the tail is padding
+    sigma = (numel * p * (1 - p)) ** 0.5
+    assert abs(len(drops) - numel * p) < 5 * sigma
+    # Uniform over positions: each tenth of the range gets its share, and so do even/odd positions.
+    tenth = torch.bincount(drops // (numel // 10), minlength=10).double()
+    assert ((tenth - numel * p / 10).abs() < 5 * sigma / 10**0.5).all()
+    assert abs(int((drops % 2 == 0).sum()) - len(drops) / 2) < 5 * len(drops) ** 0.5 / 2
+    # Gaps are geometric: P(gap == 1) = p.
+    gaps = drops.diff()
+    assert abs(float((gaps == 1).double().mean()) - p) < 5 * (p * (1 - p) / len(gaps)) ** 0.5
+
+
+def test_knconv_input_gradient_only_or_weight_only():
+    """Backward computes just what is asked for (frozen weights, or a leaf input without grad)."""
+    torch.manual_seed(3)
+    layer = KNConv2d(3, 4, 2, 1, (1, 0, 1, 0), dropout_p=0.2).double().train()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    layer(x).square().sum().backward()
+    full_x, full_w = x.grad.clone(), layer.weight.grad.clone()
+    x.grad, layer.weight.grad = None, None
+    layer.requires_grad_(False)
+    torch.manual_seed(5)
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, full_x)
+    layer.requires_grad_(True)
+    torch.manual_seed(5)
+    layer(x.detach()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, full_w)
+
+
+def test_knconv_saves_its_output_so_in_place_edits_are_refused():
+    """Backward reads the layer's output; editing it in place must fail loudly, never corrupt gradients."""
+    layer = KNConv2d(3, 4, 3, 1, 1, dropout_p=0.1).train()
+    x = torch.rand(2, 3, 6, 6, requires_grad=True)
+    out = layer(x)
+    out.relu_()
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+    layer(x).relu().sum().backward()  # the out-of-place form is fine
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_knconv_empty_batch_in_training_mode():
+    layer = KNConv2d(3, 4, 2, 1, (1, 0, 1, 0), dropout_p=0.1).train()
+    x = torch.rand(0, 3, 6, 6, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 4, 6, 6)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

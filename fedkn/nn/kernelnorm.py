@@ -23,6 +23,8 @@ eval mode has no dropout, so evaluation is deterministic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -62,78 +64,12 @@ def _check_dropout(p: float) -> float:
     return float(p)
 
 
-class _ChannelMoments(torch.autograd.Function):
-    """Per-position mean and mean square over channels of ``x * keep * scale``.
-
-    Written as one autograd node so backward is a single fused pass over the input
-    (``grad = keep * scale / C * (g_mean + 2 * scale * x * g_sq)``) and only ``x`` (which the
-    convolution saves anyway) plus a 1-byte dropout mask are kept, instead of a float dropped-out
-    copy and its square. ``generate_vmap_rule`` keeps it usable under ``torch.func`` (Opacus).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, keep: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        # Two plain channel means, not torch.var_mean: on CPU, var_mean over dim 1 of an NCHW
-        # tensor is 8-30x slower than mean + mean of the square (it walks the strided channel axis
-        # per position), and the caller wants E[x^2] anyway.
-        kept = x if keep is None else x * keep
-        mean = kept.mean(dim=1, keepdim=True)
-        mean_sq = (kept * x).mean(dim=1, keepdim=True)  # keep is 0/1, so keep * x^2 = kept * x
-        if keep is None:
-            return mean, mean_sq
-        return mean * scale, mean_sq * (scale * scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, keep, scale = inputs
-        ctx.save_for_backward(x, keep)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, g_mean: Tensor, g_sq: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        x, keep = ctx.saved_tensors
-        channels = x.shape[1]
-        if keep is None:
-            return torch.addcmul(g_mean, x, g_sq, value=2.0) / channels, None, None
-        s = ctx.scale
-        return torch.addcmul(g_mean, x, g_sq, value=2.0 * s).mul_(keep).mul_(s / channels), None, None
-
-
-class _Standardize(torch.autograd.Function):
-    """``(y - mean * weight_sum) * rstd + bias``: the right-hand side of the KNConv2d identity.
-
-    Autograd on the plain expression keeps several full-size temporaries and runs one elementwise
-    pass per operator; here backward needs one product (``g * rstd``) and three contractions, which
-    roughly halves the non-convolution time of a KNConv2d. ``bias`` may be None.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y: Tensor, mean: Tensor, rstd: Tensor, weight_sum: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        # Three in-place passes over the output instead of four allocating ones.
-        out = torch.addcmul(y, mean, weight_sum.view(1, -1, 1, 1), value=-1.0).mul_(rstd)
-        return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        y, mean, rstd, weight_sum, bias = inputs
-        ctx.save_for_backward(y, mean, rstd, weight_sum)
-        ctx.has_bias = bias is not None
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        y, mean, rstd, weight_sum = ctx.saved_tensors
-        n, o, h, w = g.shape
-        g_flat = g.reshape(n, o, h * w)
-        # Contractions over output channels / positions as matrix products (no full-size temporaries).
-        g_ws = torch.matmul(weight_sum, g_flat).view(n, 1, h, w)  # sum_o g * weight_sum[o]
-        grad_weight_sum = -torch.bmm(g_flat, (rstd * mean).reshape(n, h * w, 1)).sum(dim=(0, 2))
-        grad_rstd = (g * y).sum(dim=1, keepdim=True) - mean * g_ws
-        grad_bias = g.sum(dim=(0, 2, 3)) if ctx.has_bias else None
-        return g * rstd, -rstd * g_ws, grad_rstd, grad_weight_sum, grad_bias
+def _op_padding(padding: tuple[int, int, int, int], kernel_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (pad_h, pad_w) that ``conv2d``/``avg_pool2d`` can apply themselves, or None when ``F.pad`` must."""
+    left, right, top, bottom = padding
+    if left == right and top == bottom and 2 * left <= kernel_size[1] and 2 * top <= kernel_size[0]:
+        return top, left
+    return None
 
 
 def split_padding(
@@ -145,10 +81,89 @@ def split_padding(
     ``count_include_pad``, which averages the zeros exactly as a zero-padded unit holds them), so
     no padded copy of the input is made; any other padding is applied here with ``F.pad``.
     """
-    left, right, top, bottom = padding
-    if left == right and top == bottom and 2 * left <= kernel_size[1] and 2 * top <= kernel_size[0]:
-        return x, (top, left)
-    return F.pad(x, padding), (0, 0)
+    pad = _op_padding(padding, kernel_size)
+    return (x, pad) if pad is not None else (F.pad(x, padding), (0, 0))
+
+
+def draw_dropped(numel: int, p: float, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Flat indices of the elements that a Bernoulli(``p``) dropout mask over ``numel`` elements drops.
+
+    Returns ``(index, valid)``: ``index`` (int64) holds the dropped positions in increasing order,
+    clamped to ``numel - 1``, and ``valid`` (bool, same length) is False for the trailing entries
+    that fell past the end (they carry no drop; callers weight them by zero). Fixed lengths keep
+    the computation free of data-dependent shapes and host syncs.
+
+    Why not a dense mask: the gaps between successive drops of iid Bernoulli(p) trials are iid
+    Geometric(p), so the drop positions are the running sums of ``numel * p`` (plus a margin)
+    geometric draws. That is exactly the distribution of a dense mask, at ~``p`` of its random
+    numbers and with no input-sized tensor; on CPU the dense mask (``rand_like`` plus the masked
+    copies) cost more than the rest of a KNConv2d. The margin is 10 standard deviations plus 32
+    draws, so the chance that the draws end before ``numel`` (leaving the tail undropped) is below
+    1e-20 per call.
+    """
+    expected = numel * p
+    draws = int(expected + 10.0 * math.sqrt(expected) + 32)
+    gaps = torch.empty(draws, dtype=torch.float64, device=device).geometric_(p)
+    index = gaps.cumsum_(0).sub_(1.0).to(torch.int64)
+    valid = index < numel
+    return index.clamp_max_(max(numel - 1, 0)), valid
+
+
+# Per-chunk byte budget of _channel_dot on CPU: a full-sized temporary is fresh memory from the OS on
+# every call (allocations of tens of MB are mmap-ed; page faults cost ~10 ms per 35 MB), chunks are reused.
+_CPU_CHUNK_BYTES = 8 << 20
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(dim=1, keepdim=True)`` without an ``a``-sized temporary on CPU (chunks of the batch)."""
+    n, c, h, w = a.shape
+    step = max(1, _CPU_CHUNK_BYTES // max(c * h * w * a.element_size(), 1))
+    if torch.jit.is_tracing() or a.device.type != "cpu" or n <= step:
+        return (a * b).sum(dim=1, keepdim=True)
+    return torch.cat([(pa * pb).sum(dim=1, keepdim=True) for pa, pb in zip(a.split(step), b.split(step))])
+
+
+def _flat_position(index: Tensor, channels: int, plane: int) -> Tensor:
+    """Map flat NCHW element indices to flat (N, 1, H, W) position indices."""
+    return torch.div(index, channels * plane, rounding_mode="floor") * plane + index % plane
+
+
+class _Dropout:
+    """The statistics dropout of one forward pass: which elements of the source it drops, and the rescale."""
+
+    def __init__(self, src: Tensor, p: float) -> None:
+        self.index, valid = draw_dropped(src.numel(), p, src.device)
+        self.weight = valid.to(src.dtype)  # 0 for the padding entries of draw_dropped
+        self.position = _flat_position(self.index, src.shape[1], src.shape[2] * src.shape[3])
+        self.scale = 1.0 / (1.0 - p)
+
+    @classmethod
+    def draw(cls, src: Tensor, p: float, training: bool) -> _Dropout | None:
+        """The dropout a forward pass over ``src`` applies: none in eval mode, at p = 0 or on an empty batch."""
+        return cls(src, p) if training and p > 0 and src.numel() else None
+
+
+def _channel_moments(src: Tensor, dropout: _Dropout | None) -> tuple[Tensor, Tensor]:
+    """Per-position mean and mean square over channels of the (dropped-out, rescaled) source."""
+    s1, s2 = src.sum(dim=1, keepdim=True), _channel_dot(src, src)
+    scale = 1.0
+    if dropout is not None:
+        dropped = torch.take(src, dropout.index).mul_(dropout.weight)
+        s2.view(-1).scatter_add_(0, dropout.position, -dropped * dropped)
+        s1.view(-1).scatter_add_(0, dropout.position, dropped.neg_())
+        scale = dropout.scale
+    channels = src.shape[1]
+    return s1.mul_(scale / channels), s2.mul_(scale * scale / channels)
+
+
+def _pooled_statistics(
+    src: Tensor, dropout: _Dropout | None, kernel_size: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Unit mean and ``E[x^2] - E[x]^2`` (not yet clamped), each (N, 1, H_out, W_out)."""
+    moment1, moment2 = _channel_moments(src, dropout)
+    mean = F.avg_pool2d(moment1, kernel_size, stride, pad, count_include_pad=True)
+    mean_sq = F.avg_pool2d(moment2, kernel_size, stride, pad, count_include_pad=True)
+    return mean, mean_sq - mean * mean
 
 
 def unit_statistics(
@@ -164,27 +179,121 @@ def unit_statistics(
     Average-pooling the per-position channel mean gives the mean over all ``C*kh*kw`` values of a
     window (every position holds C values, so the two-stage average is exact); likewise for the mean
     square, and ``var = E[x^2] - E[x]^2``. In training mode the statistics come from a dropped-out
-    copy (a regularizer); the caller keeps using the original input for the convolution. The
-    dropout mask is drawn over :func:`split_padding`'s source, so replaying the random state
-    (``fedkn.privacy``) reproduces it.
+    copy (a regularizer; see :func:`draw_dropped`) while :class:`KNConv2d` convolves the original
+    input. The drops are drawn over :func:`split_padding`'s source with the default generator, as
+    the layer's first random operation, so replaying the random state (``fedkn.privacy``)
+    reproduces the statistics a forward pass used. Not differentiable: :class:`KNConv2d`
+    differentiates through these statistics itself.
     """
     src, pool_pad = split_padding(x, padding, kernel_size)
-    return _source_statistics(src, pool_pad, kernel_size, stride, dropout_p, training)
+    dropout = _Dropout.draw(src, dropout_p, training)
+    with torch.no_grad():
+        mean, var = _pooled_statistics(src, dropout, kernel_size, stride, pool_pad)
+    return mean, var.clamp_min_(0.0)
 
 
-def _source_statistics(
-    src: Tensor, pool_pad: tuple[int, int], kernel_size: tuple[int, int], stride: tuple[int, int],
-    dropout_p: float, training: bool,
-) -> tuple[Tensor, Tensor]:
-    """:func:`unit_statistics` on :func:`split_padding`'s output (KNConv2d reuses it for the conv)."""
-    keep, scale = None, 1.0
-    if training and dropout_p > 0:
-        keep = torch.rand_like(src) >= dropout_p  # P(keep) = 1 - p; faster than bernoulli_ on CPU
-        scale = 1.0 / (1.0 - dropout_p)
-    moment1, moment2 = _ChannelMoments.apply(src, keep, scale)
-    mean = F.avg_pool2d(moment1, kernel_size, stride, pool_pad, count_include_pad=True)
-    mean_sq = F.avg_pool2d(moment2, kernel_size, stride, pool_pad, count_include_pad=True)
-    return mean, (mean_sq - mean.square()).clamp_min(0.0)
+class _KNConv(torch.autograd.Function):
+    """The whole KNConv2d as one autograd node: ``(conv(src, w) - mean * sum(w)) * rstd + b``.
+
+    Why one node: autograd over the separate pieces keeps several output-sized temporaries and sums
+    the input gradients of the statistics and of the convolution into yet another one; on CPU every
+    fresh tensor of tens of MB costs page faults that outweigh the arithmetic. Here the forward
+    standardizes the convolution's output in place, so a layer allocates one output-sized tensor,
+    as a bare Conv2d does. Backward recovers ``conv(src, w) - mean * sum(w)`` from that output as
+    ``(out - b) / rstd``, calls the convolution's backward once, and adds the statistics' share of
+    the input gradient in place. A consequence: the output must not be modified in place before
+    backward (autograd raises if it is), as for any layer that saves its output.
+
+    ``forward`` returns its intermediates as extra, non-differentiable outputs so that
+    ``setup_context`` can save them (the form ``torch.func`` transforms require):
+    ``(out, mean, var, rstd, weight_sum, padded_source_or_None, dropout_or_None)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor, bias: Tensor | None, geometry: tuple, dropout_p: float, eps: float, training: bool
+    ) -> tuple:
+        kernel_size, stride, padding, groups = geometry
+        src, pad = split_padding(x, padding, kernel_size)  # padded at most once
+        dropout = _Dropout.draw(src, dropout_p, training)
+        mean, var = _pooled_statistics(src, dropout, kernel_size, stride, pad)
+        rstd = var.clamp_min(0.0).add_(eps).rsqrt_()
+        weight_sum = weight.sum(dim=(1, 2, 3))
+        out = F.conv2d(src, weight, None, stride, pad, 1, groups)
+        out.addcmul_(mean, weight_sum.view(1, -1, 1, 1), value=-1.0).mul_(rstd)
+        if bias is not None:
+            out.add_(bias.view(1, -1, 1, 1))
+        drops = (dropout.index, dropout.weight, dropout.position) if dropout is not None else None
+        return out, mean, var, rstd, weight_sum, None if src is x else src, drops
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, geometry, dropout_p, _eps, _training = inputs
+        out, mean, var, rstd, weight_sum, padded, drops = output
+        ctx.mark_non_differentiable(mean, var, rstd, weight_sum, *([padded] if padded is not None else []))
+        ctx.set_materialize_grads(False)
+        # Output-channel coefficients of the saved output's affine terms: weight_sum, and bias if any.
+        coeffs = weight_sum.view(1, -1) if bias is None else torch.stack([weight_sum, bias.detach()])
+        ctx.save_for_backward(x if padded is None else padded, weight, out, mean, var, rstd, coeffs, *(drops or ()))
+        ctx.geometry = geometry
+        ctx.padded = padded is not None
+        ctx.scale = 1.0 / (1.0 - dropout_p) if drops is not None else 1.0
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, *_unused: Tensor | None) -> tuple:  # type: ignore[override]
+        if g is None:
+            return None, None, None, None, None, None, None
+        src, weight, out, mean, var, rstd, coeffs, *drops = ctx.saved_tensors
+        kernel_size, stride, padding, groups = ctx.geometry
+        pad = (0, 0) if ctx.padded else _op_padding(padding, kernel_size)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, o, h, w = g.shape
+        g_flat = g.reshape(n, o, h * w)
+        grad_bias = g.sum(dim=(0, 2, 3)) if need_b else None
+        g_hat = g * rstd
+        grad_src, grad_weight, _ = torch.ops.aten.convolution_backward(
+            g_hat, src, weight, None, list(stride), list(pad), [1, 1], False, [0, 0], groups, [need_x, need_w, False]
+        )
+        if need_w:
+            # d out / d weight_sum[o] = -mean * rstd, and weight_sum[o] sums weight[o]. (The transposed
+            # product is 2-5x faster on CPU than g_hat @ mean, which runs as one matrix-vector per sample.)
+            grad_weight_sum = torch.bmm(mean.reshape(n, 1, h * w), g_hat.view(n, o, h * w).transpose(1, 2)).sum(dim=(0, 1))
+            grad_weight = grad_weight.sub_(grad_weight_sum.view(-1, 1, 1, 1))
+        if not need_x:
+            return None, grad_weight, grad_bias, None, None, None, None
+        # sum_o g * coeffs[k, o] for weight_sum (k=0) and bias (k=1), one pass over g.
+        g_coeffs = torch.bmm(coeffs.unsqueeze(0).expand(n, -1, -1), g_flat)
+        g_ws = g_coeffs[:, :1].reshape(n, 1, h, w)
+        g_centered = _channel_dot(g, out)  # sum_o g * out, then remove the bias: sum_o g * (out - b)
+        if coeffs.shape[0] == 2:
+            g_centered.sub_(g_coeffs[:, 1:].reshape(n, 1, h, w))
+        # out - b = (conv - mean * weight_sum) * rstd, so d out / d rstd = (out - b) / rstd.
+        grad_rstd = g_centered.div_(rstd)
+        # rstd = (clamp(var, 0) + eps)^-1/2, and clamp passes the gradient where var >= 0.
+        grad_var = grad_rstd.mul_(rstd.pow(3)).mul_(-0.5).mul_(var >= 0)
+        grad_mean = -rstd * g_ws - 2.0 * mean * grad_var  # var = E[x^2] - mean^2
+        channels = src.shape[1]
+        moments = grad_var.new_empty((n, 1, src.shape[2], src.shape[3]))
+
+        def unpool(grad: Tensor) -> Tensor:
+            return torch.ops.aten.avg_pool2d_backward(
+                grad, moments, list(kernel_size), list(stride), list(pad), False, True, None
+            )
+
+        # moment1 = scale/C * sum_c kept and moment2 = scale^2/C * sum_c kept * x, kept the dropped-out x.
+        g1 = unpool(grad_mean).mul_(ctx.scale / channels)
+        g2 = unpool(grad_var).mul_(2.0 * ctx.scale * ctx.scale / channels)
+        grad_src = grad_src.contiguous().add_(g1).addcmul_(src, g2)
+        if drops:  # dropped elements feed no statistic: take their share back out
+            index, keep_weight, position = drops
+            share = torch.take(g1, position).addcmul_(torch.take(src, index), torch.take(g2, position))
+            grad_src.view(-1).scatter_add_(0, index, share.mul_(keep_weight).neg_())
+        if ctx.padded:  # the input's part of the padded source's gradient
+            left, right, top, bottom = padding
+            grad_src = grad_src[:, :, top : src.shape[2] - bottom, left : src.shape[3] - right]
+        return grad_src, grad_weight, grad_bias, None, None, None, None
 
 
 class KernelNorm2d(nn.Module):
@@ -282,10 +391,8 @@ class KNConv2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        src, conv_pad = split_padding(x, self.padding, self.kernel_size)  # padded at most once
-        mean, var = _source_statistics(src, conv_pad, self.kernel_size, self.stride, self.dropout_p, self.training)
-        out = F.conv2d(src, self.weight, None, self.stride, conv_pad, 1, self.groups)
-        return _Standardize.apply(out, mean, torch.rsqrt(var + self.eps), self.weight.sum(dim=(1, 2, 3)), self.bias)
+        geometry = (self.kernel_size, self.stride, self.padding, self.groups)
+        return _KNConv.apply(x, self.weight, self.bias, geometry, self.dropout_p, self.eps, self.training)[0]
 
     def extra_repr(self) -> str:
         return (
