@@ -239,3 +239,26 @@ def test_knconv_empty_batch_in_training_mode():
     assert out.shape == (0, 4, 6, 6)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_knconv_chunked_channel_sums_equal_unchunked(monkeypatch):
+    """On CPU large batches take their channel sums in chunks of samples; the result must not change."""
+    from fedkn.nn import kernelnorm
+
+    torch.manual_seed(4)
+    layer = KNConv2d(5, 6, 2, 1, (1, 0, 1, 0), dropout_p=0.2).double().train()
+    x = torch.randn(7, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+        torch.manual_seed(9)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        return out.detach(), x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    whole = run()
+    monkeypatch.setattr(kernelnorm, "_CPU_CHUNK_BYTES", 2 * 5 * 7 * 7 * 8)  # two samples per chunk
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(whole[0], torch.zeros_like(whole[0]))
