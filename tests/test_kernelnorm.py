@@ -262,3 +262,22 @@ def test_knconv_chunked_channel_sums_equal_unchunked(monkeypatch):
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert not torch.equal(whole[0], torch.zeros_like(whole[0]))
+
+
+def test_knconv_compiles_without_graph_breaks_and_matches_eager():
+    """torch.compile traces the fused layer whole (dropout draws included) and computes the same thing."""
+    torch.manual_seed(0)
+    layer = KNConv2d(3, 4, 2, 1, (1, 0, 1, 0), dropout_p=0.1).double().train()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    results = []
+    for module in (torch.compile(layer, backend="aot_eager"), layer):
+        x.grad, layer.weight.grad = None, None
+        torch.manual_seed(1)
+        out = module(x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), layer.weight.grad.clone()))
+    torch._dynamo.reset()
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
