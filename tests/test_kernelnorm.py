@@ -281,3 +281,22 @@ def test_knconv_compiles_without_graph_breaks_and_matches_eager():
     torch._dynamo.reset()
     for compiled, eager in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [1, (1, 0, 1, 0)])
+def test_knconv_channels_last_matches_contiguous(padding):
+    """Memory layout is not semantics: channels_last inputs and gradients give the same results."""
+    torch.manual_seed(0)
+    layer = KNConv2d(4, 6, 2, 1, padding, dropout_p=0.2).double().train()
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer.weight.grad = None
+        inp = x.clone(memory_format=fmt).requires_grad_()
+        torch.manual_seed(5)
+        out = layer(inp)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(memory_format=fmt)
+        out.backward(grad)
+        results.append((out.detach(), inp.grad, layer.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

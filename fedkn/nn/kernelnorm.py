@@ -259,7 +259,7 @@ class _KNConv(torch.autograd.Function):
         if need_w:
             # d out / d weight_sum[o] = -mean * rstd, and weight_sum[o] sums weight[o]. (The transposed
             # product is 2-5x faster on CPU than g_hat @ mean, which runs as one matrix-vector per sample.)
-            grad_weight_sum = torch.bmm(mean.reshape(n, 1, h * w), g_hat.view(n, o, h * w).transpose(1, 2)).sum(dim=(0, 1))
+            grad_weight_sum = torch.bmm(mean.reshape(n, 1, h * w), g_hat.reshape(n, o, h * w).transpose(1, 2)).sum(dim=(0, 1))
             grad_weight = grad_weight.sub_(grad_weight_sum.view(-1, 1, 1, 1))
         if not need_x:
             return None, grad_weight, grad_bias, None, None, None, None
