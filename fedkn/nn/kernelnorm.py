@@ -129,11 +129,12 @@ def _flat_position(index: Tensor, channels: int, plane: int) -> Tensor:
 
 
 class _Dropout:
-    """The statistics dropout of one forward pass: which elements of the source it drops, and the rescale."""
+    """The statistics dropout of one forward pass: which elements of the source it drops, their values, the rescale."""
 
     def __init__(self, src: Tensor, p: float) -> None:
         self.index, valid = draw_dropped(src.numel(), p, src.device)
         self.weight = valid.to(src.dtype)  # 0 for the padding entries of draw_dropped
+        self.values = torch.take(src, self.index).mul_(self.weight)  # gathered once, reused by backward
         self.position = _flat_position(self.index, src.shape[1], src.shape[2] * src.shape[3])
         self.scale = 1.0 / (1.0 - p)
 
@@ -148,9 +149,9 @@ def _channel_moments(src: Tensor, dropout: _Dropout | None) -> tuple[Tensor, Ten
     s1, s2 = src.sum(dim=1, keepdim=True), _channel_dot(src, src)
     scale = 1.0
     if dropout is not None:
-        dropped = torch.take(src, dropout.index).mul_(dropout.weight)
+        dropped = dropout.values
         s2.view(-1).scatter_add_(0, dropout.position, -dropped * dropped)
-        s1.view(-1).scatter_add_(0, dropout.position, dropped.neg_())
+        s1.view(-1).scatter_add_(0, dropout.position, dropped.neg())
         scale = dropout.scale
     channels = src.shape[1]
     return s1.mul_(scale / channels), s2.mul_(scale * scale / channels)
@@ -225,7 +226,7 @@ class _KNConv(torch.autograd.Function):
         out.addcmul_(mean, weight_sum.view(1, -1, 1, 1), value=-1.0).mul_(rstd)
         if bias is not None:
             out.add_(bias.view(1, -1, 1, 1))
-        drops = (dropout.index, dropout.weight, dropout.position) if dropout is not None else None
+        drops = (dropout.index, dropout.weight, dropout.values, dropout.position) if dropout is not None else None
         return out, mean, var, rstd, weight_sum, None if src is x else src, drops
 
     @staticmethod
@@ -287,9 +288,9 @@ class _KNConv(torch.autograd.Function):
         g2 = unpool(grad_var).mul_(2.0 * ctx.scale * ctx.scale / channels)
         grad_src = grad_src.contiguous().add_(g1).addcmul_(src, g2)
         if drops:  # dropped elements feed no statistic: take their share back out
-            index, keep_weight, position = drops
-            share = torch.take(g1, position).addcmul_(torch.take(src, index), torch.take(g2, position))
-            grad_src.view(-1).scatter_add_(0, index, share.mul_(keep_weight).neg_())
+            index, keep_weight, values, position = drops
+            share = torch.take(g1, position).mul_(keep_weight).addcmul_(values, torch.take(g2, position))
+            grad_src.view(-1).scatter_add_(0, index, share.neg_())
         if ctx.padded:  # the input's part of the padded source's gradient
             left, right, top, bottom = padding
             grad_src = grad_src[:, :, top : src.shape[2] - bottom, left : src.shape[3] - right]
