@@ -6,8 +6,11 @@ forward+backward pass of
 - ``KNConv2d`` (pooled statistics, units never materialized),
 - the unfold formulation (``KernelNorm2d`` laying out every unit, then a kernel-k stride-k conv),
 - ``Conv2d`` followed by ``BatchNorm2d`` on the same padded input (the layer KN replaces),
+- a bare ``Conv2d`` padded as KNConv2d pads (the floor: KNConv2d runs this convolution),
 
 and prints ratios, plus the same for one whole training step of KNResNet-18 vs ResNet-18-BN.
+Backward starts from ``out.sum()`` (a stride-0 gradient) by default; ``--grad dense`` backpropagates
+a fixed random gradient instead, which is what a layer receives inside a network.
 
 Memory: on CUDA, peak allocated bytes; on CPU (no allocator statistics), the bytes of the tensors
 autograd saves for backward plus the output, deduplicated by storage, which is what dominates the
@@ -15,6 +18,7 @@ training-time peak. Targets (issue 2): KNConv2d >= 5x faster than unfold, <= 1.3
 <= 1.5x Conv2d+BN memory.
 
     python benchmarks/knconv.py              # full table
+    python benchmarks/knconv.py --grad dense # same, dense upstream gradients
     python benchmarks/knconv.py --quick      # smoke run: batch 4, 1 repeat
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 
 from fedkn.models import build
 from fedkn.nn import KernelNorm2d, KNConv2d
+from fedkn.nn.kernelnorm import split_padding
 
 # (in, out, kernel, padding (left, right, top, bottom), input size) of KNResNet-18's convolutions.
 SHAPES = [
@@ -75,6 +81,19 @@ class PadConvBN(nn.Module):
         return self.bn(self.conv(F.pad(x, self.pad)))
 
 
+class BareConv(nn.Module):
+    """Conv2d (with bias) on the input padded exactly as KNConv2d pads it: the cost KNConv2d cannot go below."""
+
+    def __init__(self, cin: int, cout: int, k: int, pad: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.pad = pad
+        self.conv = nn.Conv2d(cin, cout, k)
+
+    def forward(self, x: Tensor) -> Tensor:
+        src, pad = split_padding(x, self.pad, self.conv.kernel_size)
+        return F.conv2d(src, self.conv.weight, self.conv.bias, 1, pad)
+
+
 def saved_bytes(fn: Callable[[], Tensor]) -> int:
     """Bytes autograd keeps for backward plus the output, counting each storage once."""
     seen: dict[int, int] = {}
@@ -89,15 +108,26 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(seen.values())
 
 
-def measure(module: nn.Module, x: Tensor, repeats: int, device: torch.device) -> tuple[float, int]:
-    """Median seconds of forward+backward, and peak memory (CUDA) or saved bytes (CPU)."""
+def measure(module: nn.Module, x: Tensor, repeats: int, device: torch.device, dense: bool = False) -> tuple[float, int]:
+    """Median seconds of forward+backward, and peak memory (CUDA) or saved bytes (CPU).
+
+    ``dense``: backpropagate a fixed random gradient (drawn once, outside the timing) instead of
+    ``out.sum()``'s stride-0 one.
+    """
     module.to(device).train()
     x = x.to(device).requires_grad_()
+    grads: dict[torch.Size, Tensor] = {}
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).sum().backward()
+        out = module(x)
+        if dense:
+            if out.shape not in grads:
+                grads[out.shape] = torch.randn(out.shape, device=out.device, generator=torch.Generator(out.device).manual_seed(0))
+            out.backward(grads[out.shape])
+        else:
+            out.sum().backward()
 
     step()  # warm-up (allocator, kernels)
     times = []
@@ -119,53 +149,57 @@ def measure(module: nn.Module, x: Tensor, repeats: int, device: torch.device) ->
     return statistics.median(times), memory
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="batch 4, 1 repeat, first 3 shapes, width-0.25 models")
     parser.add_argument("--dropout", type=float, default=0.05, help="KernelNorm dropout_p (KNResNet-18 default)")
-    args = parser.parse_args()
+    parser.add_argument("--grad", choices=("sum", "dense"), default="sum",
+                        help="upstream gradient: out.sum()'s stride-0 one (default) or a fixed dense random one")
+    args = parser.parse_args(argv)
+    dense = args.grad == "dense"
     batch, repeats, shapes, width = args.batch, args.repeats, SHAPES, 1.0
     if args.quick:
         batch, repeats, shapes, width = 4, 1, SHAPES[:3], 0.25
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mem_label = "peak MiB" if device.type == "cuda" else "saved MiB"
-    print(f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats} (median of repeats)")
+    print(f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats} "
+          f"grad={args.grad} (median of repeats)")
     header = (
-        f"{'shape (in->out k pad @HxW)':34} {'KN ms':>8} {'unfold ms':>10} {'conv+BN ms':>10} "
-        f"{'unfold/KN':>9} {'KN/convBN':>9} {'KN ' + mem_label:>13} {'convBN ' + mem_label:>17} {'mem KN/convBN':>13}"
+        f"{'shape (in->out k pad @HxW)':34} {'KN ms':>8} {'unfold ms':>10} {'conv+BN ms':>10} {'conv ms':>8} "
+        f"{'unfold/KN':>9} {'KN/convBN':>9} {'KN/conv':>7} {'KN ' + mem_label:>13} {'convBN ' + mem_label:>17} "
+        f"{'mem KN/convBN':>13}"
     )
     print(header)
     print("-" * len(header))
-    totals = {"kn": 0.0, "unfold": 0.0, "bn": 0.0, "kn_mem": 0, "bn_mem": 0}
+
+    def row(label: str, t: dict[str, float]) -> str:
+        return (
+            f"{label:34} {t['kn'] * 1e3:8.2f} {t['unfold'] * 1e3:10.2f} {t['bn'] * 1e3:10.2f} {t['conv'] * 1e3:8.2f} "
+            f"{t['unfold'] / t['kn']:9.2f} {t['kn'] / t['bn']:9.2f} {t['kn'] / t['conv']:7.2f} "
+            f"{t['kn_mem'] / 2**20:13.1f} {t['bn_mem'] / 2**20:17.1f} {t['kn_mem'] / t['bn_mem']:13.2f}"
+        )
+
+    totals = dict.fromkeys(("kn", "unfold", "bn", "conv", "kn_mem", "bn_mem"), 0.0)
     for cin, cout, k, pad, size in shapes:
         torch.manual_seed(0)
         x = torch.rand(batch, cin, size, size)
-        kn_t, kn_m = measure(KNConv2d(cin, cout, k, 1, pad, dropout_p=args.dropout), x, repeats, device)
-        un_t, _ = measure(UnfoldKNConv(cin, cout, k, pad, args.dropout), x, repeats, device)
-        bn_t, bn_m = measure(PadConvBN(cin, cout, k, pad), x, repeats, device)
-        totals["kn"] += kn_t
-        totals["unfold"] += un_t
-        totals["bn"] += bn_t
-        totals["kn_mem"] += kn_m
-        totals["bn_mem"] += bn_m
-        label = f"{cin}->{cout} k{k} pad{pad} @{size}x{size}"
-        print(
-            f"{label:34} {kn_t * 1e3:8.2f} {un_t * 1e3:10.2f} {bn_t * 1e3:10.2f} {un_t / kn_t:9.2f} "
-            f"{kn_t / bn_t:9.2f} {kn_m / 2**20:13.1f} {bn_m / 2**20:17.1f} {kn_m / bn_m:13.2f}"
-        )
+        t: dict[str, float] = {}
+        t["kn"], t["kn_mem"] = measure(KNConv2d(cin, cout, k, 1, pad, dropout_p=args.dropout), x, repeats, device, dense)
+        t["unfold"], _ = measure(UnfoldKNConv(cin, cout, k, pad, args.dropout), x, repeats, device, dense)
+        t["bn"], t["bn_mem"] = measure(PadConvBN(cin, cout, k, pad), x, repeats, device, dense)
+        t["conv"], _ = measure(BareConv(cin, cout, k, pad), x, repeats, device, dense)
+        for key, value in t.items():
+            totals[key] += value
+        print(row(f"{cin}->{cout} k{k} pad{pad} @{size}x{size}", t))
     print("-" * len(header))
-    print(
-        f"{'all shapes (sum)':34} {totals['kn'] * 1e3:8.2f} {totals['unfold'] * 1e3:10.2f} {totals['bn'] * 1e3:10.2f} "
-        f"{totals['unfold'] / totals['kn']:9.2f} {totals['kn'] / totals['bn']:9.2f} {totals['kn_mem'] / 2**20:13.1f} "
-        f"{totals['bn_mem'] / 2**20:17.1f} {totals['kn_mem'] / totals['bn_mem']:13.2f}"
-    )
+    print(row("all shapes (sum)", totals))
 
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32)
-    kn_t, kn_m = measure(build("knresnet18", "kn", width=width), x, repeats, device)
-    bn_t, bn_m = measure(build("resnet18", "bn", width=width), x, repeats, device)
+    kn_t, kn_m = measure(build("knresnet18", "kn", width=width), x, repeats, device, dense)
+    bn_t, bn_m = measure(build("resnet18", "bn", width=width), x, repeats, device, dense)
     print(
         f"\nwhole training step (fwd+bwd, width {width}): KNResNet-18 {kn_t * 1e3:.1f} ms, {kn_m / 2**20:.1f} {mem_label}; "
         f"ResNet-18-BN {bn_t * 1e3:.1f} ms, {bn_m / 2**20:.1f} {mem_label}; "
@@ -178,7 +212,9 @@ def main() -> None:
             "met" if totals["kn_mem"] / totals["bn_mem"] <= 1.5 else "NOT met",
         )
     )
+    print(f"floor: KNConv2d runs a Conv2d, so unfold/KN cannot exceed unfold/conv = {totals['unfold'] / totals['conv']:.2f} here")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,6 +53,18 @@ def _own_ray_processes() -> list[str]:
     return [n for n in names if "ray" in n.lower() or n in ("gcs_server", "raylet")]
 
 
+@pytest.mark.parametrize("grad", ["sum", "dense"])
+def test_knconv_quick(capsys, grad):
+    assert _load("knconv").main(["--quick", "--grad", grad]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("3->64 ", "64->256 ", "256->64 ", "all shapes (sum)"))]
+    assert len(rows) == 4 and all(len(line.split()) >= 10 for line in rows)
+    assert f"grad={grad}" in out
+    assert "whole training step (fwd+bwd, width 0.25): KNResNet-18 " in out
+    assert "targets: unfold/KN >= 5 -> " in out
+    assert "floor: KNConv2d runs a Conv2d, so unfold/KN cannot exceed unfold/conv = " in out
+
+
 def test_throughput_quick(capsys):
     assert _load("throughput").main(["--quick", "--norms", "kn,bn,none", "--batches", "8"]) == 0
     out = capsys.readouterr().out
