@@ -53,16 +53,21 @@ def _own_ray_processes() -> list[str]:
     return [n for n in names if "ray" in n.lower() or n in ("gcs_server", "raylet")]
 
 
-@pytest.mark.parametrize("grad", ["sum", "dense"])
-def test_knconv_quick(capsys, grad):
-    assert _load("knconv").main(["--quick", "--grad", grad]) == 0
+@pytest.mark.parametrize(("grad", "whole"), [("sum", False), ("dense", True)])
+def test_knconv_quick(capsys, grad, whole):
+    from fedkn.nn import kernelnorm
+
+    split = kernelnorm._CPU_SPLIT_BYTES
+    assert _load("knconv").main(["--quick", "--grad", grad] + ["--whole-batch"] * whole) == 0
+    assert kernelnorm._CPU_SPLIT_BYTES == split  # --whole-batch does not outlive the run
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("3->64 ", "64->256 ", "256->64 ", "all shapes (sum)"))]
     assert len(rows) == 4 and all(len(line.split()) >= 10 for line in rows)
     assert f"grad={grad}" in out
     assert "whole training step (fwd+bwd, width 0.25): KNResNet-18 " in out
     assert "targets: unfold/KN >= 5 -> " in out
-    assert "floor: KNConv2d runs a Conv2d, so unfold/KN cannot exceed unfold/conv = " in out
+    mode = "the whole batch per call (--whole-batch)" if whole else "large layers in CPU batch chunks"
+    assert "bare Conv2d (whole batch): unfold/conv = " in out and out.rstrip().endswith(f"KNConv2d ran {mode}")
 
 
 def test_throughput_quick(capsys):

@@ -167,9 +167,9 @@ def test_knconv_training_dropout_gradcheck_and_reference(padding):
     torch.manual_seed(123)
     x_pad = F.pad(x, layer.padding)
     src = x if padding == 1 else x_pad
-    index, valid = draw_dropped(src.numel(), 0.3)
+    index = draw_dropped(src.numel(), 0.3)
     keep = torch.ones(src.numel(), dtype=torch.bool)
-    keep[index[valid]] = False
+    keep[index[index < src.numel()]] = False
     dropped_src = src * keep.view_as(src) / 0.7
     dropped_pad = F.pad(dropped_src, layer.padding) if padding == 1 else dropped_src
     dropped = F.unfold(dropped_pad, 2)
@@ -186,10 +186,10 @@ def test_draw_dropped_is_a_bernoulli_mask(p):
     """The sparse draw is a Bernoulli(p) mask: unique in-range indices, the right rate everywhere."""
     numel = 200_000
     torch.manual_seed(0)
-    index, valid = draw_dropped(numel, p)
-    drops = index[valid]
-    assert bool((drops[1:] > drops[:-1]).all()) and int(drops.max()) < numel  # increasing, so unique
-    assert bool(valid[: len(drops)].all()) and not bool(valid[len(drops) :].any())  # the tail is padding
+    index = draw_dropped(numel, p)
+    assert bool((index[1:] > index[:-1]).all())  # increasing, so unique
+    assert int(index[0]) >= 0 and int(index[-1]) >= numel  # the tail (past the end) is padding
+    drops = index[index < numel]
     sigma = (numel * p * (1 - p)) ** 0.5
     assert abs(len(drops) - numel * p) < 5 * sigma
     # Uniform over positions: each tenth of the range gets its share, and so do even/odd positions.
@@ -241,24 +241,41 @@ def test_knconv_empty_batch_in_training_mode():
     assert x.grad.shape == x.shape
 
 
-def test_knconv_chunked_channel_sums_equal_unchunked(monkeypatch):
-    """On CPU large batches take their channel sums in chunks of samples; the result must not change."""
+@pytest.mark.parametrize(
+    ("padding", "bias", "groups", "frozen"),
+    [((1, 0, 1, 0), True, 1, None), (1, False, 2, None), (0, True, 1, "weights"), ((0, 1, 0, 1), True, 1, "input")],
+)
+def test_knconv_batch_chunks_equal_whole_batch(monkeypatch, padding, bias, groups, frozen):
+    """On CPU large layers run a few samples at a time (forward, backward, channel sums); nothing may change.
+
+    Chunks of 3, 3 and 1 samples (a short last chunk), dropout on, with and without the padded copy,
+    bias and groups, and with only the input's or only the weights' gradient asked for.
+    """
     from fedkn.nn import kernelnorm
 
     torch.manual_seed(4)
-    layer = KNConv2d(5, 6, 2, 1, (1, 0, 1, 0), dropout_p=0.2).double().train()
-    x = torch.randn(7, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    layer = KNConv2d(4, 6, 2, 1, padding, bias=bias, groups=groups, dropout_p=0.2).double().train()
+    x = torch.randn(7, 4, 6, 6, dtype=torch.float64, requires_grad=frozen != "input")
+    layer.requires_grad_(frozen != "weights")
+    params = [p for p in layer.parameters() if p.requires_grad]
 
-    def run() -> tuple[torch.Tensor, ...]:
-        x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+    def run() -> list[torch.Tensor]:
         torch.manual_seed(9)
         out = layer(x)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
-        return out.detach(), x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
+        weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        inputs = ([x] if x.requires_grad else []) + params
+        return [out.detach(), *torch.autograd.grad((out * weights).sum(), inputs)]
 
     whole = run()
-    monkeypatch.setattr(kernelnorm, "_CPU_CHUNK_BYTES", 2 * 5 * 7 * 7 * 8)  # two samples per chunk
+    calls: list[int] = []
+    chunks = kernelnorm._batch_chunks
+    monkeypatch.setattr(kernelnorm, "_batch_chunks", lambda *a: calls.append(1) or chunks(*a))
+    monkeypatch.setattr(kernelnorm, "_CPU_SPLIT_BYTES", 0)
+    monkeypatch.setattr(kernelnorm, "_CPU_CHUNK_BYTES", 3 * (4 * 7 * 7 + 6 * 7 * 7) * 8)  # 3 samples per chunk
+    assert [(c.start, c.stop) for c in chunks(7, (4 * 7 * 7 + 6 * 7 * 7) * 8, x)] == [(0, 3), (3, 6), (6, 9)]
     chunked = run()
+    assert len(calls) == 3  # channel sums, forward, backward all went through the chunking
+    assert len(whole) == len(chunked) == 1 + (frozen != "input") + len(params)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert not torch.equal(whole[0], torch.zeros_like(whole[0]))
