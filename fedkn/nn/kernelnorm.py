@@ -126,10 +126,10 @@ def _batch_chunks(n: int, bytes_per_sample: int, like: Tensor) -> list[slice] | 
     few samples at a time, and on CPU it pays: oneDNN's convolution and its backward allocate and
     reorder into temporaries the size of their operands, fresh memory (page faults) on every call
     above ~32 MB, and whole-batch temporaries do not stay in cache for the passes that follow.
-    Measured at batch 32 on a 2-core CPU (benchmarks/README.md): 4-sample chunks made a bare convolution plus
-    its backward 1.8-2.3x faster for the three 32x32-map layers of KNResNet-18, while splitting
+    Measured at batch 32 on a 2-core CPU: 4-sample chunks made a bare convolution plus its
+    backward 1.8-2.3x faster for the three 32x32-map layers of KNResNet-18, while splitting
     layers of under ~16 MB (many channels, small maps) made them slower (per-call overhead);
-    hence the two thresholds. Off CPU (the CUDA caching allocator has no such cost) and for
+    hence the two thresholds (the whole layer's gain: ``benchmarks/knconv.py --whole-batch``). Off CPU (the CUDA caching allocator has no such cost) and for
     non-NCHW layouts the batch is never split.
     """
     if like.device.type != "cpu" or torch.jit.is_tracing() or not like.is_contiguous():
