@@ -87,7 +87,11 @@ class PadConvBN(nn.Module):
 
 
 class BareConv(nn.Module):
-    """Conv2d (with bias) on the input padded exactly as KNConv2d pads it: the cost KNConv2d cannot go below."""
+    """Conv2d (with bias) on the input padded exactly as KNConv2d pads it, over the whole batch.
+
+    It is the convolution inside KNConv2d; KNConv2d can still beat it on CPU by splitting large
+    layers into batch chunks (see the module docstring).
+    """
 
     def __init__(self, cin: int, cout: int, k: int, pad: tuple[int, int, int, int]) -> None:
         super().__init__()

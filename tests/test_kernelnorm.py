@@ -248,7 +248,7 @@ def test_knconv_empty_batch_in_training_mode():
 def test_knconv_batch_chunks_equal_whole_batch(monkeypatch, padding, bias, groups, frozen):
     """On CPU large layers run a few samples at a time (forward, backward, channel sums); nothing may change.
 
-    Chunks of 3, 3 and 1 samples (a short last chunk), dropout on, with and without the padded copy,
+    A batch of 7 in 2-3 chunks with a short last one, dropout on, with and without the padded copy,
     bias and groups, and with only the input's or only the weights' gradient asked for.
     """
     from fedkn.nn import kernelnorm
@@ -267,14 +267,20 @@ def test_knconv_batch_chunks_equal_whole_batch(monkeypatch, padding, bias, group
         return [out.detach(), *torch.autograd.grad((out * weights).sum(), inputs)]
 
     whole = run()
-    calls: list[int] = []
+    calls: list[list[slice] | None] = []
     chunks = kernelnorm._batch_chunks
-    monkeypatch.setattr(kernelnorm, "_batch_chunks", lambda *a: calls.append(1) or chunks(*a))
+
+    def recorded(*args):
+        calls.append(chunks(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(kernelnorm, "_batch_chunks", recorded)
     monkeypatch.setattr(kernelnorm, "_CPU_SPLIT_BYTES", 0)
     monkeypatch.setattr(kernelnorm, "_CPU_CHUNK_BYTES", 3 * (4 * 7 * 7 + 6 * 7 * 7) * 8)  # 3 samples per chunk
     assert [(c.start, c.stop) for c in chunks(7, (4 * 7 * 7 + 6 * 7 * 7) * 8, x)] == [(0, 3), (3, 6), (6, 9)]
     chunked = run()
     assert len(calls) == 3  # channel sums, forward, backward all went through the chunking
+    assert calls[1] == calls[2] and len(calls[1]) > 1  # forward and backward split the batch alike
     assert len(whole) == len(chunked) == 1 + (frozen != "input") + len(params)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

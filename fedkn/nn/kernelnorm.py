@@ -129,8 +129,9 @@ def _batch_chunks(n: int, bytes_per_sample: int, like: Tensor) -> list[slice] | 
     Measured at batch 32 on a 2-core CPU: 4-sample chunks made a bare convolution plus its
     backward 1.8-2.3x faster for the three 32x32-map layers of KNResNet-18, while splitting
     layers of under ~16 MB (many channels, small maps) made them slower (per-call overhead);
-    hence the two thresholds (the whole layer's gain: ``benchmarks/knconv.py --whole-batch``). Off CPU (the CUDA caching allocator has no such cost) and for
-    non-NCHW layouts the batch is never split.
+    hence the two thresholds (the whole layer's gain: ``benchmarks/knconv.py --whole-batch``).
+    Off CPU (the CUDA caching allocator has no such cost) and for non-NCHW layouts the batch is
+    never split.
     """
     if like.device.type != "cpu" or torch.jit.is_tracing() or not like.is_contiguous():
         return None
@@ -138,6 +139,15 @@ def _batch_chunks(n: int, bytes_per_sample: int, like: Tensor) -> list[slice] | 
         return None
     step = max(1, _CPU_CHUNK_BYTES // max(bytes_per_sample, 1))
     return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def _conv_chunks(src: Tensor, out_shape: tuple[int, ...]) -> list[slice] | None:
+    """:func:`_batch_chunks` for a KNConv2d whose (padded) source is ``src`` and output has ``out_shape``.
+
+    Forward and backward must split the batch alike, so both ask this with the same shapes.
+    """
+    bytes_per_sample = (math.prod(src.shape[1:]) + math.prod(out_shape[1:])) * src.element_size()
+    return _batch_chunks(src.shape[0], bytes_per_sample, src)
 
 
 def _chunked(chunks: list[slice] | None, *tensors: Tensor | None) -> list[tuple]:
@@ -261,7 +271,7 @@ class _KNConv(torch.autograd.Function):
         weight_sum = weight.sum(dim=(1, 2, 3))
         n, _, h, w = mean.shape
         out_shape = (n, weight.shape[0], h, w)
-        chunks = _batch_chunks(n, (math.prod(src.shape[1:]) + math.prod(out_shape[1:])) * src.element_size(), src)
+        chunks = _conv_chunks(src, out_shape)
         out = None if chunks is None else src.new_empty(out_shape)
         for src_c, mean_c, rstd_c, out_c in _chunked(chunks, src, mean, rstd, out):
             conv = F.conv2d(src_c, weight, None, stride, pad, 1, groups)
@@ -298,7 +308,7 @@ class _KNConv(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, o, h, w = g.shape
         channels, plane, scale = src.shape[1], src.shape[2] * src.shape[3], ctx.scale
-        chunks = _batch_chunks(n, (math.prod(src.shape[1:]) + o * h * w) * src.element_size(), src)
+        chunks = _conv_chunks(src, g.shape)
         # The statistics' gradients unpooled to the source's positions; the extra sample stays 0 (_Dropout).
         unpooled = g.new_zeros(n + 1, 2, src.shape[2], src.shape[3]) if need_x else None
         grad_src = src.new_empty(src.shape) if need_x and chunks is not None else None
