@@ -8,7 +8,8 @@ Keys are kebab-case everywhere a user types them (``num-clients``), like Flower'
 ``num_clients`` is accepted too. Every problem (unknown key, wrong type, value out of range,
 unknown name) raises :class:`~fedkn.errors.FedknError` with one line saying what to change.
 
-``norm = "fedbn"`` is shorthand for ``norm = "bn"`` plus ``strategy = "fedbn"``.
+``norm = "fedbn"`` is shorthand for ``norm = "bn"`` plus ``strategy = "fedbn"``, and ``norm =
+"fixbn"`` for ``norm = "bn"`` plus ``strategy = "fixbn"`` (:data:`RULE_NORMS`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Any
 from fedkn.errors import FedknError
 
 #: Server strategies (``strategies.build_strategy`` implements each).
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedbn")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedbn", "fixbn")
+
+#: Norm names that are a layer norm trained with a rule of the same name (a strategy, plus what the
+#: clients do under it): name -> (layer norm, what the rule does). Everywhere a user names a norm
+#: (``--norm``, ``--norms``, ``norm = ...``) these names are accepted too.
+RULE_NORMS: dict[str, tuple[str, str]] = {
+    "fedbn": ("bn", "keeps BatchNorm state local"),
+    "fixbn": ("bn", "freezes the global BatchNorm statistics after fixbn-round"),
+}
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,14 @@ class RunConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0: this many SGD steps per round instead of local-epochs
     lr: float = 0.01  # one value that trains every norm on the default setting (kn also fine at 0.05)
+    agc_clip: float = -1.0  # adaptive gradient clipping ratio; -1 = the norm's default (0.01 for nf, off otherwise), 0 = off
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_batch_size: int = 256
     eval_every: int = 1  # centralized test evaluation every k rounds (round 0 and the last always)
     # --- strategy options ------------------------------------------------------------------------
     proximal_mu: float = 0.01  # fedprox
+    fixbn_round: int = 0  # fixbn: last round of plain FedAvg+BN before the statistics freeze; 0 = half of num-rounds
     server_lr: float = 1.0  # fedavgm
     server_momentum: float = 0.9  # fedavgm
     fedadam_eta: float = 0.01  # fedadam server learning rate
@@ -114,7 +125,7 @@ class RunConfig:
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
         """Build from a mapping of kebab- or snake-case keys (a Flower run config, a TOML table)."""
         values = _normalize_keys(values, source=source)
-        values = _expand_fedbn(values)
+        values = _expand_rule_norm(values)
         typed = {name: _coerce(name, value) for name, value in values.items()}
         return cls(**typed)
 
@@ -139,6 +150,18 @@ class RunConfig:
     def local_keys_stay_local(self) -> bool:
         """True when part of the model (BatchNorm state under FedBN) never leaves the client."""
         return self.strategy == "fedbn"
+
+    @property
+    def agc_ratio(self) -> float:
+        """The AGC clipping ratio local training uses (``agc-clip``, or the norm's default); 0 = off."""
+        from fedkn.nn.norms import NORMS
+
+        return self.agc_clip if self.agc_clip >= 0 else NORMS[self.norm].agc_clip
+
+    @property
+    def fixbn_freeze_after(self) -> int:
+        """FixBN's last exploration round (``fixbn-round``, 0 = half of num-rounds, at least 1)."""
+        return self.fixbn_round or max(1, self.num_rounds // 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,15 +193,22 @@ def _normalize_keys(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
     return out
 
 
-def _expand_fedbn(values: dict[str, Any]) -> dict[str, Any]:
-    """``norm = "fedbn"`` -> bn + fedbn. The default strategy (fedavg) gives way, since Flower's run
-    config always carries every key; an explicit other strategy is a contradiction."""
-    if values.get("norm") == "fedbn":
-        strategy = values.get("strategy", "fedbn")
-        if strategy not in ("fedavg", "fedbn"):
-            raise FedknError(f"norm 'fedbn' means norm 'bn' with strategy 'fedbn', but strategy is '{strategy}'")
-        values = {**values, "norm": "bn", "strategy": "fedbn"}
-    return values
+def _rule_norm(norm: Any, strategy: Any) -> tuple[str, str] | None:
+    """(layer norm, strategy) for a :data:`RULE_NORMS` name, else None. The default strategy
+    (fedavg) gives way, since Flower's run config always carries every key; an explicit other
+    strategy is a contradiction."""
+    if norm not in RULE_NORMS:
+        return None
+    layer = RULE_NORMS[norm][0]
+    if strategy not in ("fedavg", norm):
+        raise FedknError(f"norm '{norm}' means norm '{layer}' with strategy '{norm}', but strategy is '{strategy}'")
+    return layer, norm
+
+
+def _expand_rule_norm(values: dict[str, Any]) -> dict[str, Any]:
+    """``norm = "fedbn"`` -> bn + fedbn (and likewise every :data:`RULE_NORMS` name)."""
+    rule = _rule_norm(values.get("norm"), values.get("strategy", values.get("norm")))
+    return values if rule is None else {**values, "norm": rule[0], "strategy": rule[1]}
 
 
 def parse_sets(sets: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -261,11 +291,10 @@ def _check(ok: bool, key: str, what: str, value: Any) -> None:
 
 
 def _validate(cfg: RunConfig) -> None:
-    if cfg.norm == "fedbn":  # built in code: RunConfig(norm="fedbn") means bn + fedbn as well
-        if cfg.strategy not in ("fedavg", "fedbn"):
-            raise FedknError(f"norm 'fedbn' means norm 'bn' with strategy 'fedbn', but strategy is '{cfg.strategy}'")
-        object.__setattr__(cfg, "norm", "bn")
-        object.__setattr__(cfg, "strategy", "fedbn")
+    rule = _rule_norm(cfg.norm, cfg.strategy)  # built in code: RunConfig(norm="fedbn") means bn + fedbn as well
+    if rule is not None:
+        object.__setattr__(cfg, "norm", rule[0])
+        object.__setattr__(cfg, "strategy", rule[1])
     # Types first: a RunConfig built in code (not via from_dict) gets the same checks.
     for f in fields(cfg):
         value = getattr(cfg, f.name)
@@ -294,7 +323,10 @@ def _validate(cfg: RunConfig) -> None:
     _check(0.0 <= cfg.momentum < 1.0, "momentum", "in [0, 1)", cfg.momentum)
     _check(cfg.weight_decay >= 0.0, "weight-decay", "0 or more", cfg.weight_decay)
     _check(cfg.width > 0.0, "width", "positive", cfg.width)
+    _check(cfg.agc_clip == -1.0 or cfg.agc_clip >= 0.0, "agc-clip", "-1 (the norm's default), 0 (off) or positive",
+           cfg.agc_clip)
     _check(cfg.proximal_mu >= 0.0, "proximal-mu", "0 or more", cfg.proximal_mu)
+    _check(cfg.fixbn_round >= 0, "fixbn-round", "0 (half of num-rounds) or a round number", cfg.fixbn_round)
     _check(cfg.server_lr > 0.0, "server-lr", "positive", cfg.server_lr)
     _check(0.0 <= cfg.server_momentum < 1.0, "server-momentum", "in [0, 1)", cfg.server_momentum)
     _check(cfg.fedadam_eta > 0.0, "fedadam-eta", "positive", cfg.fedadam_eta)
@@ -330,7 +362,7 @@ def _validate_names(cfg: RunConfig) -> None:
     if cfg.model not in MODELS:
         raise FedknError(f"config key 'model' must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     if cfg.norm not in NORMS:
-        names = ", ".join([*NORMS, "fedbn"])
+        names = ", ".join([*NORMS, *RULE_NORMS])
         raise FedknError(f"config key 'norm' must be one of {names}, got {cfg.norm!r}")
     spec = MODELS[cfg.model]
     if cfg.norm not in spec.norms:
@@ -339,8 +371,10 @@ def _validate_names(cfg: RunConfig) -> None:
         resolve_params(*parse_partition(cfg.partition))
     except FedknError as err:
         raise FedknError(f"config key 'partition': {err}") from None
-    if cfg.strategy == "fedbn" and cfg.norm != "bn":
-        raise FedknError(f"strategy 'fedbn' keeps BatchNorm state local, so it needs norm 'bn' (got norm '{cfg.norm}')")
+    if cfg.strategy in RULE_NORMS and cfg.norm != RULE_NORMS[cfg.strategy][0]:
+        layer = RULE_NORMS[cfg.strategy][0]
+        raise FedknError(f"strategy '{cfg.strategy}' {RULE_NORMS[cfg.strategy][1]}, so it needs norm '{layer}' "
+                         f"(got norm '{cfg.norm}')")
     if cfg.batch_size == 1 and not NORMS[cfg.norm].batch_independent:
         independent = ", ".join(n for n, spec in NORMS.items() if spec.batch_independent)
         raise FedknError(

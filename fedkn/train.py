@@ -6,6 +6,10 @@ same functions. The pieces a wrapper may want to replace are small separate func
 Poisson sampling) and :func:`train_step` (one SGD step, with the FedProx proximal term); pass
 replacements through ``train_local``'s ``make_optimizer_fn`` / ``make_batches_fn`` /
 ``train_step_fn`` arguments (:mod:`fedkn.privacy.dpsgd` replaces all three for DP-SGD).
+
+Two training rules are switches of :func:`train_local`: ``agc_clip`` (adaptive gradient clipping,
+:mod:`fedkn.agc`; the ``nf`` norm trains with it) and ``freeze_batchnorm_stats`` (FixBN's second
+phase, :mod:`strategies.fixbn`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedkn import agc
 from fedkn.data import ImageDataset, iterate_batches
 from fedkn.errors import FedknError
 
@@ -65,6 +70,14 @@ def check_batch_size(model: nn.Module, batch_size: int) -> None:
             "batch size 1 does not work with BatchNorm (it normalizes over the batch); "
             f"use batch size >= 2 or a batch-independent norm: {independent}"
         )
+
+
+def use_frozen_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: it normalizes with its running statistics and stops
+    updating them, while its affine parameters (and everything else) still train."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -155,6 +168,8 @@ def train_local(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     preprocess: PreprocessFn,
+    agc_clip: float = 0.0,
+    freeze_batchnorm_stats: bool = False,
     make_optimizer_fn: Callable[..., torch.optim.Optimizer] = make_optimizer,
     make_batches_fn: Callable[..., Batches] = make_batches,
     train_step_fn: Callable[..., tuple[float, int]] = train_step,
@@ -164,6 +179,9 @@ def train_local(
     ``global_params`` (name -> tensor) are the weights the round started from, needed when
     ``proximal_mu > 0`` (FedProx); by default they are snapshotted here before training.
     ``generator`` drives shuffling and augmentation, so a seeded generator makes the run repeatable.
+    ``agc_clip > 0`` clips every step's gradient unit-wise to that ratio (:mod:`fedkn.agc`).
+    ``freeze_batchnorm_stats`` trains with BatchNorm normalizing by the running statistics the model
+    arrived with, leaving them unchanged (FixBN, :mod:`strategies.fixbn`).
     """
     check_batch_size(model, batch_size)
     if steps is not None and steps < 1:
@@ -180,14 +198,20 @@ def train_local(
     elif global_params is not None:
         global_params = {n: t.detach().to(device) for n, t in global_params.items()}
 
+    if agc_clip < 0:
+        raise FedknError(f"agc clip must be 0 (off) or positive, got {agc_clip}")
     optimizer = make_optimizer_fn(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    # BatchNorm cannot train on a batch of one; a trailing batch of one sample is skipped.
-    skip_singletons = has_batchnorm(model)
+    if agc_clip > 0:
+        agc.attach(optimizer, model, agc_clip)
+    # BatchNorm cannot train on a batch of one (unless it uses frozen statistics); such a trailing batch is skipped.
+    skip_singletons = has_batchnorm(model) and not freeze_batchnorm_stats
 
     def one_epoch() -> Batches:
         return make_batches_fn(dataset, indices, batch_size=batch_size, generator=generator, preprocess=preprocess)
 
     model.train()
+    if freeze_batchnorm_stats:
+        use_frozen_batchnorm(model)
     loss_sum, correct, seen, taken = 0.0, 0, 0, 0
     for x, y in _cycle_batches(one_epoch, epochs=epochs, steps=steps):
         if skip_singletons and y.numel() < 2:

@@ -1,13 +1,14 @@
 """Server strategies for fedkn, built on Flower's own (``flwr.serverapp.strategy``).
 
-``build_strategy(cfg)`` returns FedAvg (default, weighted by examples), FedProx, FedAvgM, FedAdam
-or FedBN, each with fedkn's deterministic sampling, sorted aggregation, round offset (resume),
+``build_strategy(cfg)`` returns FedAvg (default, weighted by examples), FedProx, FedAvgM, FedAdam,
+FedBN or FixBN, each with fedkn's deterministic sampling, sorted aggregation, round offset (resume),
 byte accounting and error handling (:class:`~strategies.base.FedknStrategy`).
 """
 
 from strategies.base import ClientFailure, FedknStrategy, RoundRecord, to_array_record
 from strategies.factory import FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, build_strategy
 from strategies.fedbn import FedBN, batchnorm_keys
+from strategies.fixbn import FixBN, batchnorm_stat_keys, stats_frozen
 from strategies.sampling import sample_partitions, sample_size
 
 __all__ = [
@@ -18,10 +19,13 @@ __all__ = [
     "FedknFedAvgM",
     "FedknFedProx",
     "FedknStrategy",
+    "FixBN",
     "RoundRecord",
     "batchnorm_keys",
+    "batchnorm_stat_keys",
     "build_strategy",
     "sample_partitions",
     "sample_size",
+    "stats_frozen",
     "to_array_record",
 ]

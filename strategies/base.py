@@ -12,7 +12,8 @@
   Client metrics are averaged weighted by examples, whatever the arrays are weighted by; privacy
   spent (:data:`MAX_METRICS`) is the maximum over the clients, not an average.
 - **Client-local arrays** (``local_keys``): never sent to clients, never expected back, kept in
-  the global model unchanged (FedBN's BatchNorm state; empty for the other strategies).
+  the global model unchanged (FedBN's BatchNorm state; empty for the other strategies). A
+  strategy may keep further arrays at their global value in some rounds (:meth:`kept_keys`; FixBN).
 - **Errors**: a client's error reply stops the run with one clear line instead of being skipped.
 - **Server state** for checkpoints: FedAvgM's momentum, FedAdam's moments (:meth:`state_dict`).
 """
@@ -199,14 +200,20 @@ class FedknStrategy:
         if not weighted:  # every sampled client had no training data: keep the model
             return None, None
         arrays, metrics = super().aggregate_train(r, weighted)  # type: ignore[misc]
-        if arrays is not None and self.local_keys and self._global_arrays is not None:
+        kept = self.kept_keys(r)
+        if arrays is not None and kept and self._global_arrays is not None:
             merged = ArrayRecord()
             for k, v in self._global_arrays.items():  # keep the global key order
-                merged[k] = v if k in self.local_keys else arrays[k]
+                merged[k] = v if k in kept else arrays[k]
             arrays = merged
         if metrics is not None:
             rec.train = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return arrays, metrics
+
+    def kept_keys(self, server_round: int) -> frozenset[str]:
+        """Arrays whose global value survives round ``server_round``'s aggregation: the client-local
+        ones (FedBN); FixBN adds its frozen statistics."""
+        return self.local_keys
 
     # -- evaluate ------------------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:

@@ -10,6 +10,7 @@ from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from strategies.base import UNIFORM_WEIGHT_KEY, FedknStrategy
 from strategies.fedbn import FedBN
+from strategies.fixbn import FixBN
 
 
 class FedknFedAvg(FedknStrategy, FedAvg):
@@ -28,8 +29,9 @@ class FedknFedAdam(FedknStrategy, FedAdam):
     """Adam on the server over the averaged client update (Reddi et al. 2021)."""
 
 
-def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknStrategy:
-    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN).
+def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = (), stat_keys: Iterable[str] = ()) -> FedknStrategy:
+    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN);
+    ``stat_keys``: its BatchNorm statistics keys (FixBN).
 
     Under client-level DP the arrays are averaged with equal weights (each client reports
     ``UNIFORM_WEIGHT_KEY: 1``), as the guarantee of ``strategies.dp`` needs; wrap the result with
@@ -67,4 +69,9 @@ def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = ()) -> FedknSt
         if not keys:
             raise FedknError(f"strategy 'fedbn' needs a model with BatchNorm layers (norm 'bn'); norm is '{cfg.norm}'")
         return FedBN(**common, local_keys=keys)
+    if name == "fixbn":
+        keys = list(stat_keys)
+        if not keys:
+            raise FedknError(f"strategy 'fixbn' needs a model with BatchNorm layers (norm 'bn'); norm is '{cfg.norm}'")
+        return FixBN(**common, stat_keys=keys, freeze_after=cfg.fixbn_freeze_after)
     raise FedknError(f"unknown strategy '{name}'")  # RunConfig validation makes this unreachable

@@ -43,7 +43,7 @@ def test_eval_mode_is_deterministic(model_name, norm):
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("norm", ["kn", "gn", "ln", "wsgn", "none", "bn"])
+@pytest.mark.parametrize("norm", ["kn", "gn", "ln", "wsgn", "none", "nf", "bn"])
 def test_batch_independence(norm):
     """Output of sample 0 must not change when the rest of the batch changes (train mode).
 

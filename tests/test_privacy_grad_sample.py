@@ -18,7 +18,7 @@ from fedkn.privacy.grad_sample import conv_weight_grad_sample, set_method
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
-NON_BN = ("kn", "gn", "ln", "wsgn", "none")
+NON_BN = ("kn", "gn", "ln", "wsgn", "none", "nf")
 NO_DROPOUT = {"dropout_p": 0.0, "head_dropout_p": 0.0}
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkn.config import RunConfig
@@ -18,7 +27,9 @@ from strategies import (
     FedknFedAvg,
     FedknFedAvgM,
     FedknFedProx,
+    FixBN,
     batchnorm_keys,
+    batchnorm_stat_keys,
     build_strategy,
     sample_partitions,
     sample_size,
@@ -185,6 +196,36 @@ def test_fedbn_keeps_batchnorm_state_local():
             np.testing.assert_allclose(got, v + 2.5, rtol=1e-5, atol=1e-5)  # mean of +1..+4
     with pytest.raises(ValueError):
         FedBN(local_keys=[])
+
+
+def _shifted(state: dict[str, torch.Tensor], by: float) -> dict[str, torch.Tensor]:
+    return {k: v + by if v.is_floating_point() else v + 1 for k, v in state.items()}
+
+
+def test_fixbn_averages_statistics_until_fixbn_round_then_keeps_the_global_ones():
+    model = _bn_model()
+    stat_keys = batchnorm_stat_keys(model)
+    assert stat_keys and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in stat_keys)
+    s = build_strategy(RunConfig(norm="fixbn", num_rounds=4), stat_keys=stat_keys)
+    assert isinstance(s, FixBN) and s.freeze_after == 2
+    s.bind(NODES)
+    state = model.state_dict()
+    mean_key = next(k for k in stat_keys if k.endswith("running_mean"))
+    weight_key = mean_key.replace("running_mean", "weight")
+    for r, frozen in ((2, False), (3, True)):
+        s.configure_train(r, ArrayRecord.from_torch_state_dict(state), ConfigRecord(), FakeGrid(NODES))
+        replies = [_reply(n, ArrayRecord.from_torch_state_dict(_shifted(state, shift)), {"num-examples": k, "train-loss": 1.0})
+                   for n, shift, k in ((101, 1.0, 10), (205, 4.0, 30))]
+        arrays, _ = s.aggregate_train(r, replies)
+        new = dict(arrays.to_torch_state_dict())
+        # Trainable arrays are always FedAvg: (10 * 1 + 30 * 4) / 40 = 3.25 above the global ones.
+        torch.testing.assert_close(new[weight_key], state[weight_key] + 3.25)
+        if frozen:  # statistics exactly as the global model sent them
+            for k in stat_keys:
+                assert torch.equal(new[k], state[k]), k
+        else:
+            torch.testing.assert_close(new[mean_key], state[mean_key] + 3.25)
+        state = new
 
 
 def test_build_strategy_for_every_name():

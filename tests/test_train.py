@@ -64,7 +64,7 @@ def test_fixed_number_of_steps_cycles_epochs(digits):
     assert res.steps == 7  # 20 samples, batch 8: 3 batches per pass, so more than two passes
 
 
-@pytest.mark.parametrize("norm", ["kn", "gn", "ln", "none"])
+@pytest.mark.parametrize("norm", ["kn", "gn", "ln", "none", "nf"])
 def test_batch_size_one_works_for_batch_independent_norms(digits, norm):
     res = _train(_model(norm), digits, np.arange(5), norm, batch_size=1)
     assert res.steps == 5 and math.isfinite(res.loss)

@@ -34,6 +34,7 @@ from fedkn.results import load_client_state, save_client_state
 from fedkn.train import default_device, evaluate, train_local
 from strategies.base import UNIFORM_WEIGHT_KEY
 from strategies.fedbn import batchnorm_keys
+from strategies.fixbn import stats_frozen
 from strategies.sampling import sample_partitions, sample_size
 
 #: ConfigRecord keys that are not RunConfig fields ("clipping_norm": Flower's client-side DP wrappers).
@@ -201,6 +202,8 @@ def _train(msg: Message, context: Context) -> Message:
             generator=generator,
             device=default_device(),
             preprocess=task.preprocess(cfg, fed.train_set, train=True),
+            agc_clip=cfg.agc_ratio,
+            freeze_batchnorm_stats=stats_frozen(cfg, server_round),
             **pieces,
         )
     finally:

@@ -36,7 +36,7 @@ from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from fedkn.results import RunDir
 from fedkn.train import default_device, evaluate
-from strategies import ClientFailure, RoundRecord, batchnorm_keys, build_strategy, sample_size
+from strategies import ClientFailure, RoundRecord, batchnorm_keys, batchnorm_stat_keys, build_strategy, sample_size
 
 Progress = Callable[[dict[str, Any], RunConfig], None]
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
@@ -146,7 +146,7 @@ def run_server(
     fed = task.federation(cfg)
     model = task.new_model(cfg, fed.train_set)
     local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
-    strategy = build_strategy(cfg, local_keys=local_keys)
+    strategy = build_strategy(cfg, local_keys=local_keys, stat_keys=batchnorm_stat_keys(model))
     client_dp, sampled = None, sample_size(cfg.num_clients, cfg.fraction_train)
     if cfg.client_dp != "off":
         from strategies.dp import client_level_guarantee, settings_from_config, wrap_strategy

@@ -1,6 +1,6 @@
 """``fedkn compare``: the same federated run over a grid of norms x partitions x seeds, and a report.
 
-    fedkn compare --set num-rounds=10                       # default grid, 6 x 5 x 3 = 90 runs
+    fedkn compare --set num-rounds=10                       # default grid, 8 x 5 x 3 = 120 runs
     fedkn compare --config configs/compare-digits.toml --norms kn,gn,bn --partitions iid,dir0.1 --seeds 3
     fedkn compare ... --lr-grid log:0.005:0.2:5 --tune-rounds 5 --tune-on dir0.1
     fedkn compare ... --only norm=kn,partition=dir0.1,seed=0 --out /tmp/rerun
@@ -58,7 +58,8 @@ GPU machines: clients share a GPU through the config values client-num-gpus and 
 
 partition specs: iid, dir<alpha> (Dirichlet label skew, e.g. dir0.1), shards<k> / <k>cls (k classes
 per client), quantity:alpha=<a>, classes-balance:... (see `fedkn partition --help`).
-norms: kn, gn, ln, bn, fedbn (bn with the FedBN strategy), none, wsgn.
+norms: kn, gn, ln, bn, fedbn (bn with the FedBN strategy), fixbn (bn with FixBN: statistics frozen after
+fixbn-round), nf (normalization-free, FedWon: scaled WS convolutions + AGC), none, wsgn.
 """
 
 

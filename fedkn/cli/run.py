@@ -3,6 +3,8 @@
     fedkn run                                  # the default: KernelNorm ResNet-8 on digits
     fedkn run --config configs/quickstart.toml --norm gn --set num-rounds=5 --set lr=0.02
     fedkn run --norm fedbn                     # BatchNorm with the FedBN strategy
+    fedkn run --norm fixbn                     # BatchNorm with FixBN (statistics frozen after fixbn-round)
+    fedkn run --norm nf --set batch-size=1     # normalization-free (FedWon), one sample per step
     fedkn run --resume runs/20250101-120000-resnet8-kn-fedavg
 
 Prints one line per round (centralized test accuracy and loss, clients' accuracy, train loss,
@@ -35,7 +37,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--config", metavar="FILE", help="preset TOML file, e.g. configs/quickstart.toml")
-    p.add_argument("--norm", help="normalization: kn, bn, gn, ln, none, wsgn, or fedbn (= bn with the FedBN strategy)")
+    p.add_argument("--norm", help="normalization: kn, bn, gn, ln, nf, none, wsgn, fedbn (= bn with the FedBN strategy) "
+                                  "or fixbn (= bn with FixBN)")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)"
     )

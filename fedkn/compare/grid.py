@@ -23,11 +23,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedkn.config import RunConfig
+from fedkn.config import RULE_NORMS, RunConfig
 from fedkn.errors import FedknError
 
 #: Default grid of ``fedkn compare``.
-DEFAULT_NORMS: tuple[str, ...] = ("kn", "gn", "ln", "bn", "fedbn", "none")
+DEFAULT_NORMS: tuple[str, ...] = ("kn", "gn", "ln", "bn", "fedbn", "fixbn", "nf", "none")
 DEFAULT_PARTITIONS: tuple[str, ...] = ("iid", "dir1.0", "dir0.3", "dir0.1", "shards2")
 DEFAULT_SEEDS = 3
 
@@ -40,7 +40,7 @@ ONLY_KEYS: tuple[str, ...] = ("norm", "partition", "seed")
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid. ``norm`` is the grid's label: ``fedbn`` stays ``fedbn`` here."""
+    """One run of the grid. ``norm`` is the grid's label: ``fedbn`` (a ``RULE_NORMS`` name) stays ``fedbn`` here."""
 
     norm: str
     partition: str
@@ -96,7 +96,7 @@ def parse_norms(text: str | Sequence[str]) -> list[str]:
     from fedkn.nn.norms import NORMS
 
     items = split_list(text, "--norms") if isinstance(text, str) else list(text)
-    valid = [*NORMS, "fedbn"]
+    valid = [*NORMS, *RULE_NORMS]
     for n in items:
         if n not in valid:
             raise FedknError(f"unknown norm '{n}' in --norms; valid norms: {', '.join(valid)}")
@@ -207,7 +207,7 @@ def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_
     values.update(
         {
             "norm": cell.norm,
-            "strategy": "fedbn" if cell.norm == "fedbn" else (base.strategy if base.strategy != "fedbn" else "fedavg"),
+            "strategy": cell.norm if cell.norm in RULE_NORMS else (base.strategy if base.strategy not in RULE_NORMS else "fedavg"),
             "partition": cell.partition,
             "seed": cell.seed,
             "name": name or cell.name,
@@ -222,8 +222,8 @@ def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_
 
 
 def norm_label(cfg: RunConfig) -> str:
-    """The grid label of a run: ``fedbn`` for bn + the FedBN strategy, else the norm."""
-    return "fedbn" if cfg.strategy == "fedbn" else cfg.norm
+    """The grid label of a run: ``fedbn`` for bn + the FedBN strategy (any ``RULE_NORMS`` name), else the norm."""
+    return cfg.strategy if cfg.strategy in RULE_NORMS else cfg.norm
 
 
 def _differences(saved: RunConfig, wanted: RunConfig) -> list[str]:

@@ -16,6 +16,8 @@ COLORS: dict[str, str] = {
     "ln": "tab:green",
     "bn": "tab:orange",
     "fedbn": "tab:purple",
+    "fixbn": "tab:olive",
+    "nf": "tab:brown",
     "none": "tab:gray",
     "wsgn": "tab:cyan",
 }

@@ -396,6 +396,20 @@ def _ordering_notes(rows: Sequence[Row], partitions: Sequence[str]) -> list[str]
     return notes
 
 
+def norm_legend(norms: Sequence[str]) -> str:
+    """``kn`` = what it is, for each grid label (registry norms and the ``RULE_NORMS`` training rules)."""
+    from fedkn.config import RULE_NORMS
+    from fedkn.nn.norms import NORMS
+
+    def what(n: str) -> str:
+        if n in RULE_NORMS:
+            layer, rule = RULE_NORMS[n]
+            return f"{layer} trained with the {n} rule, which {rule}"
+        return NORMS[n].description if n in NORMS else "?"
+
+    return "; ".join(f"`{n}` = {what(n)}" for n in norms)
+
+
 def build_markdown(
     records: Sequence[RunRecord],
     *,
@@ -442,6 +456,7 @@ def build_markdown(
            "the clients' column is scored every round)." if (every := int(base.get("eval-every", 1) or 1)) > 1 else "."),
         "- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
         "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation).",
+        "- **norms**: " + norm_legend(norms) + ".",
         "",
     ]
     private = any(math.isfinite(r.epsilon) for r in rows)

@@ -37,6 +37,8 @@ class ModelSpec:
 
 _NON_KN = tuple(n for n in NORMS if n != "kn")
 _ALL = tuple(NORMS)
+#: Pre-activation models need a stand-alone norm layer (``norm.layer``): not kn, not nf.
+_WITH_LAYER = tuple(n for n, s in NORMS.items() if s.layer is not None)
 
 MODELS: dict[str, ModelSpec] = {
     "resnet8": ModelSpec(resnet8, "ResNet-8 of the KernelNorm DP paper", _ALL, {"dropout_p": 0.1, "head_dropout_p": 0.25}),
@@ -47,7 +49,7 @@ MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(partial(resnet, 18), "ResNet-18", _NON_KN),
     "resnet34": ModelSpec(partial(resnet, 34), "ResNet-34", _NON_KN),
     "resnet50": ModelSpec(partial(resnet, 50), "ResNet-50 (bottleneck)", _NON_KN),
-    "preactresnet18": ModelSpec(preact_resnet18, "PreactResNet-18", _NON_KN),
+    "preactresnet18": ModelSpec(preact_resnet18, "PreactResNet-18", _WITH_LAYER),
 }
 
 
@@ -76,7 +78,7 @@ def build(
     if norm_name not in NORMS:
         raise FedknError(f"unknown norm '{norm_name}'; valid norms: {', '.join(NORMS)}")
     if norm_name not in spec.norms:
-        hint = "use knresnet18/34/50 or resnet8/vgg6 for KernelNorm" if norm_name == "kn" else "use resnet18/34/50"
+        hint = "use knresnet18/34/50 or resnet8/vgg6 for KernelNorm" if norm_name == "kn" else "use resnet8/vgg6 or resnet18/34/50"
         raise FedknError(f"model '{name}' cannot use norm '{norm_name}' (it supports {', '.join(spec.norms)}); {hint}")
     if not width > 0:
         raise FedknError(f"width must be > 0, got {width}")
@@ -86,7 +88,7 @@ def build(
     if norm_name in ("gn", "wsgn"):
         defaults["group_size"] = max(1, round(32 * width))
     resolved = norm if isinstance(norm, Norm) else get_norm(norm_name, defaults, **(norm_options or {}))
-    model = spec.fn(resolved, num_classes, in_channels, width, high_res)
+    model = resolved.finalize(spec.fn(resolved, num_classes, in_channels, width, high_res))
     if image_size is not None:
         _check_input_size(model, name, in_channels, image_size)
     return model

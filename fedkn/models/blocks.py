@@ -5,24 +5,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fedkn.nn.kernelnorm import KNConv2d, Padding
-from fedkn.nn.norms import Norm
+from fedkn.nn.norms import Norm, Residual  # noqa: F401 - Residual: re-exported for the model families
 
 
 def scaled(channels: int, width: float) -> int:
     """Channel count under a width multiplier (at least 1), so CPU-sized variants keep the shape."""
     return max(1, int(round(channels * width)))
-
-
-class Residual(nn.Module):
-    """``body(x) + shortcut(x)``, the one residual wrapper every family uses."""
-
-    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None) -> None:
-        super().__init__()
-        self.body = body
-        self.shortcut = nn.Identity() if shortcut is None else shortcut
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.body(x) + self.shortcut(x)
 
 
 class Classifier(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from fedkn.models.blocks import Classifier, Residual, init_weights, scaled
+from fedkn.models.blocks import Classifier, init_weights, scaled
 from fedkn.nn.norms import Norm
 
 
@@ -31,7 +31,7 @@ def _postact_block(norm: Norm, body: Callable[..., nn.Module], expansion: int, i
     """relu(body(x) + shortcut(x)); the shortcut is a 1x1 conv+norm where the shape changes."""
     out = ch * expansion
     shortcut = norm.conv(in_ch, out, 1, stride, 0) if stride != 1 or in_ch != out else None
-    return nn.Sequential(Residual(body(norm, in_ch, ch, stride), shortcut), nn.ReLU())
+    return nn.Sequential(norm.residual(body(norm, in_ch, ch, stride), shortcut), nn.ReLU())
 
 
 class PreactBlock(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedkn.models.blocks import Classifier, Residual, init_weights, scaled
+from fedkn.models.blocks import Classifier, init_weights, scaled
 from fedkn.nn.norms import Norm
 
 
@@ -23,9 +23,9 @@ def resnet8(norm: Norm, num_classes: int, in_channels: int, width: float, high_r
     features = nn.Sequential(
         _block(norm, in_channels, c1),
         _block(norm, c1, c2), nn.MaxPool2d(2),
-        Residual(nn.Sequential(_block(norm, c2, c2), _block(norm, c2, c2))),
+        norm.residual(nn.Sequential(_block(norm, c2, c2), _block(norm, c2, c2))),
         _block(norm, c2, c3), nn.MaxPool2d(2),
-        Residual(nn.Sequential(_block(norm, c3, c3), _block(norm, c3, c3))),
+        norm.residual(nn.Sequential(_block(norm, c3, c3), _block(norm, c3, c3))),
         nn.MaxPool2d(2),
         norm.head(),
     )

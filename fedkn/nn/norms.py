@@ -10,6 +10,10 @@ Models never instantiate a normalization layer themselves. They ask a :class:`No
   KernelNorm has none (it only exists around a convolution), so such models reject ``kn``.
 - ``head()``: what a model puts after its last convolution. KernelNorm models end with a 1x1
   KernelNorm (their last conv output is otherwise un-normalized); the others need nothing there.
+- ``residual(body, shortcut)``: a residual block, ``body(x) + shortcut(x)`` for every norm but
+  ``nf``, whose normalization-free blocks scale their branches (:class:`~fedkn.nn.nf.NFResidual`).
+- ``finalize(model)``: called once on the built model, for what only the whole network knows
+  (``nf``: each residual block's expected signal scale).
 
 Options (dropout of KernelNorm, group size of GroupNorm) are bound when the entry is resolved with
 :func:`get_norm`; models pass their paper defaults, which explicit options override.
@@ -21,10 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from fedkn.errors import FedknError
 from fedkn.nn.kernelnorm import KernelNorm2d, KNConv2d, Padding
+from fedkn.nn.nf import NFResidual, ScaledWSConv2d, set_signal_scales
 from fedkn.nn.wsconv import WSConv2d
 
 
@@ -54,6 +59,18 @@ def _plain_conv(in_ch: int, out_ch: int, kernel: int, stride: int, padding: Padd
 Options = Mapping[str, Any]
 
 
+class Residual(nn.Module):
+    """``body(x) + shortcut(x)``: every norm's residual block but ``nf``'s (see :meth:`Norm.residual`)."""
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.shortcut = nn.Identity() if shortcut is None else shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
 @dataclass(frozen=True)
 class NormSpec:
     """A registry entry: how to build one normalization, before its options are bound."""
@@ -70,6 +87,12 @@ class NormSpec:
     conv: Callable[[int, int, int, int, Padding, Options], nn.Module] | None = None
     #: After the last convolution; None means identity.
     head: Callable[[Options], nn.Module] | None = None
+    #: ``(body, shortcut or None, options)`` -> residual block; None means ``body(x) + shortcut(x)``.
+    residual: Callable[[nn.Module, nn.Module | None, Options], nn.Module] | None = None
+    #: Applied once to the built model; None means nothing to do.
+    finalize: Callable[[nn.Module, Options], None] | None = None
+    #: Adaptive gradient clipping ratio local training uses by default (config ``agc-clip``); 0 = off.
+    agc_clip: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,14 +121,26 @@ class Norm:
         """A stand-alone normalization over ``channels`` feature maps."""
         if self.spec.layer is None:
             raise FedknError(
-                f"norm '{self.name}' has no stand-alone layer (it normalizes convolution windows); "
-                "use a model built from convolutions, e.g. knresnet18 or resnet8"
+                f"norm '{self.name}' has no stand-alone layer (it lives inside its convolutions); "
+                "use a model built from convolutions, e.g. resnet8 or resnet18"
             )
         return self.spec.layer(channels, self.options)
 
     def head(self) -> nn.Module:
         """The layer after a model's last convolution (a 1x1 KernelNorm for kn)."""
         return nn.Identity() if self.spec.head is None else self.spec.head(self.options)
+
+    def residual(self, body: nn.Module, shortcut: nn.Module | None = None) -> nn.Module:
+        """A residual block around ``body`` (identity shortcut when ``shortcut`` is None)."""
+        if self.spec.residual is None:
+            return Residual(body, shortcut)
+        return self.spec.residual(body, shortcut, self.options)
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Whole-model set-up of this norm (see the module docstring); returns ``model``."""
+        if self.spec.finalize is not None:
+            self.spec.finalize(model, self.options)
+        return model
 
 
 def _group_norm(channels: int, o: Options) -> nn.Module:
@@ -116,6 +151,16 @@ def _ws_conv(in_ch: int, out_ch: int, k: int, s: int, p: Padding, o: Options) ->
     if not isinstance(p, int):
         raise FedknError("asymmetric padding is only supported by KernelNorm convolutions")
     return nn.Sequential(WSConv2d(in_ch, out_ch, k, s, p), _group_norm(out_ch, o))
+
+
+def _scaled_ws_conv(in_ch: int, out_ch: int, k: int, s: int, p: Padding, o: Options) -> nn.Module:
+    if not isinstance(p, int):
+        raise FedknError("asymmetric padding is only supported by KernelNorm convolutions")
+    return ScaledWSConv2d(in_ch, out_ch, k, s, p)
+
+
+#: AGC's unit-wise clipping ratio for ``nf`` (Brock et al. 2021, NFNets; see ``fedkn.agc``).
+NF_AGC_CLIP = 0.01
 
 
 #: The registry. Option defaults here are generic; models pass their paper defaults to get_norm.
@@ -140,6 +185,11 @@ NORMS: dict[str, NormSpec] = {
     "none": NormSpec("no normalization (biased convolutions)", False, True, {},
                      layer=lambda c, o: nn.Identity(),
                      conv=lambda i, o, k, s, p, opt: _plain_conv(i, o, k, s, p, bias=True)),
+    "nf": NormSpec("normalization-free (FedWon/NF-ResNets): scaled weight-standardized convolutions, "
+                   "scaled residuals, adaptive gradient clipping", False, True, {"alpha": 0.2},
+                   layer=None, conv=_scaled_ws_conv,
+                   residual=lambda body, shortcut, opt: NFResidual(body, shortcut, alpha=opt["alpha"]),
+                   finalize=lambda model, opt: set_signal_scales(model), agc_clip=NF_AGC_CLIP),
 }
 
 
