@@ -53,29 +53,40 @@ def _own_ray_processes() -> list[str]:
     return [n for n in names if "ray" in n.lower() or n in ("gcs_server", "raylet")]
 
 
-@pytest.mark.parametrize(("grad", "whole"), [("sum", False), ("dense", True)])
-def test_knconv_quick(capsys, grad, whole):
-    from fedkn.nn import kernelnorm
-
-    split = kernelnorm._CPU_SPLIT_BYTES
-    assert _load("knconv").main(["--quick", "--grad", grad] + ["--whole-batch"] * whole) == 0
-    assert kernelnorm._CPU_SPLIT_BYTES == split  # --whole-batch does not outlive the run
+@pytest.mark.parametrize(("grad", "impl"), [("sum", "auto"), ("dense", "reference")])
+def test_knconv_quick(capsys, grad, impl):
+    assert _load("knconv").main(["--quick", "--grad", grad, "--impl", impl]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("3->64 ", "64->256 ", "256->64 ", "all shapes (sum)"))]
     assert len(rows) == 4 and all(len(line.split()) >= 10 for line in rows)
-    assert f"grad={grad}" in out
-    assert "whole training step (fwd+bwd, width 0.25): KNResNet-18 " in out
-    assert "targets: unfold/KN >= 5 -> " in out
-    mode = "the whole batch per call (--whole-batch)" if whole else "large layers in CPU batch chunks"
-    assert "bare Conv2d (whole batch): unfold/conv = " in out and out.rstrip().endswith(f"KNConv2d ran {mode}")
+    assert f"grad={grad} KNConv2d impl={impl}" in out
+    assert "whole training step (fwd+bwd, width 0.25): KNResNet-18 " in out and " GFLOP" in out
+    assert "per FLOP (KernelNorm's own cost)" in out
+    assert "targets: unfold/KN >= 5 -> " in out and "KN/convBN time <= 1.0 (cpu) -> " in out
+    assert "bare Conv2d: unfold/conv = " in out
 
 
 def test_throughput_quick(capsys):
-    assert _load("throughput").main(["--quick", "--norms", "kn,bn,none", "--batches", "8"]) == 0
+    assert _load("throughput").main(["--quick", "--norms", "kn,bn,none", "--batches", "8,16", "--dataset", "digits"]) == 0
     out = capsys.readouterr().out
     assert "ratio vs bn, batch 8: kn " in out
     for norm in ("kn", "bn", "none"):
         assert any(line.startswith(f"{norm} ") for line in out.splitlines())
+    assert "KernelNorm's fused CPU kernels: cold build " in out
+    assert "target: kn >= 0.85x bn samples/s at batch 8 and 16 -> " in out
+
+
+def test_gpu_script_quick_on_cpu():
+    """benchmarks/gpu.sh --quick: the same three parts as on a GPU, tiny, on this CPU."""
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--quick"], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for part in ("== knconv", "== throughput", "== simulation", "targets: unfold/KN >= 5", "ratio vs bn, batch 8",
+                 "final test acc"):
+        assert part in done.stdout, part
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,16 +105,67 @@ def test_train_mode_dropout_uses_the_forward_pass_masks():
 
 
 def test_functorch_fallback_cannot_handle_kn_dropout():
-    """Why KNConv2d has a registered rule: Opacus' functorch path re-runs the layer under vmap,
-    where the statistics dropout is refused (and would draw new masks if it were allowed)."""
+    """Why KNConv2d has a registered rule: Opacus' functorch path re-runs the layer under vmap, where
+    the statistics dropout would draw new masks; KNConv2d refuses, naming what to use."""
     model = _model("vgg6", "kn", dropout_p=0.1, head_dropout_p=0.25)
     rule = GradSampleHooks.GRAD_SAMPLERS.pop(KNConv2d)
     try:
-        with pytest.raises(RuntimeError, match="random"):
+        with pytest.raises(FedknError, match="fedkn.privacy.attach"):
             per_sample_gradients(model, torch.rand(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1]))
     finally:
         GradSampleHooks.GRAD_SAMPLERS[KNConv2d] = rule
         detach(model)
+
+
+PLAIN_OPACUS = """
+import copy, sys
+import torch, torch.nn.functional as F
+from opacus import GradSampleModule, PrivacyEngine
+from fedkn.models import build
+
+def model(p):
+    torch.manual_seed(0)
+    return build("resnet8", "kn", num_classes=10, in_channels=1, width=0.0625,
+                 norm_options={"dropout_p": p, "head_dropout_p": 0.0}).double().train()
+
+assert "fedkn.privacy" not in sys.modules
+x, y = torch.rand(3, 1, 16, 16, dtype=torch.float64), torch.tensor([1, 4, 7])
+m = model(0.0)
+ref = copy.deepcopy(m)
+gsm = GradSampleModule(m, loss_reduction="sum")
+F.cross_entropy(gsm(x), y, reduction="sum").backward()
+for name, p in m.named_parameters():
+    loop = []
+    for i in range(3):
+        ref.zero_grad(set_to_none=True)
+        F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        loop.append(dict(ref.named_parameters())[name].grad.clone())
+    torch.testing.assert_close(p.grad_sample, torch.stack(loop), rtol=1e-9, atol=1e-11)
+m = model(0.0)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+m, opt, loader = PrivacyEngine().make_private(module=m, optimizer=opt, data_loader=loader,
+                                              noise_multiplier=1.0, max_grad_norm=1.0)
+for xb, yb in loader:
+    opt.zero_grad()
+    F.cross_entropy(m(xb), yb).backward()
+    opt.step()
+gsm = GradSampleModule(model(0.1))
+try:
+    F.cross_entropy(gsm(x), y).backward()
+except Exception as err:
+    print(type(err).__name__, str(err).splitlines()[0], "|", len(str(err).splitlines()))
+"""
+
+
+def test_plain_opacus_on_a_kn_model_without_importing_fedkn_privacy():
+    """A user following Opacus' tutorial: GradSampleModule and make_private on a KN model, nothing
+    else imported. Dropout 0: per-sample gradients equal a per-sample loop; dropout > 0: one line that
+    says what to use. A fresh process, so no fedkn.privacy rule is registered."""
+    done = subprocess.run([sys.executable, "-c", PLAIN_OPACUS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    head, lines = done.stdout.strip().splitlines()[-1].rsplit(" | ", 1)
+    assert head.startswith("FedknError ") and "fedkn.privacy.attach" in head and lines == "1", done.stdout
 
 
 @pytest.mark.parametrize("kernel,stride,groups,padding", [(3, 1, 1, 1), (2, 2, 2, (1, 0, 1, 0)), (1, 1, 1, 0)])
