@@ -38,9 +38,11 @@ from the saved RNG state (inside ``torch.random.fork_rng``, so the global RNG st
 exactly as the forward pass left it; the same replay technique ``torch.utils.checkpoint`` uses
 for dropout) and appends ``(mu, r)`` to the activations Opacus just saved. They then travel with
 the activations through Opacus' push/pop bookkeeping, so repeated calls of one layer stay paired.
-This relies on KNConv2d drawing its dropout mask with the global generator as the first random
-operation of its forward; ``tests/test_privacy_grad_sample.py`` checks that per-sample gradients
-in training mode with dropout equal a per-sample loop over the very same forward pass.
+This relies on KNConv2d drawing its dropout with
+:func:`~fedkn.nn.kernelnorm.draw_statistics_dropout` as the first random operation of its forward,
+whichever ``impl`` computes it, and ``unit_statistics`` drawing the same way;
+``tests/test_privacy_grad_sample.py`` checks that per-sample gradients in training mode with
+dropout equal a per-sample loop over the very same forward pass.
 
 Use :func:`attach` (or :func:`fedkn.privacy.dpsgd.make_private`) rather than Opacus' classes
 directly: it adds both Opacus' hooks and the statistics hooks, and :func:`detach` removes all of
