@@ -40,10 +40,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from fedkn.models import build
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedkn.models import build
 from fedkn.nn import IMPLS, KernelNorm2d, KNConv2d
 
 # (in, out, kernel, padding (left, right, top, bottom), input size) of KNResNet-18's convolutions.

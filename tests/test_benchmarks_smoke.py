@@ -82,7 +82,7 @@ def test_gpu_script_quick_on_cpu():
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "--quick"], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=BENCHMARKS.parent)
+                          env=env, timeout=600, cwd=BENCHMARKS.parent, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for part in ("== knconv", "== throughput", "== simulation", "targets: unfold/KN >= 5", "ratio vs bn, batch 8",
                  "final test acc"):

@@ -341,7 +341,7 @@ def test_without_a_compiler_kernelnorm_falls_back_to_the_reference_with_one_noti
         "print(all(torch.equal(o, layer(x)) for o in out))"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "FEDKN_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
     notices = [line for line in done.stderr.splitlines() if "fused CPU kernels are unavailable" in line]
     assert len(notices) == 1 and "reference path" in notices[0]

@@ -96,12 +96,23 @@ def test_parameter_counts_match_between_kn_and_standard_resnets():
         ({"name": "preactresnet18", "norm": "kn"}, "cannot use norm 'kn'"),
         ({"name": "resnet8", "width": 0}, "width must be > 0"),
         ({"name": "resnet8", "norm": "kn", "norm_options": {"groups": 2}}, "unknown option"),
+        ({"name": "resnet8", "norm": "kn", "norm_options": {"impl": "fast"}}, "impl must be one of auto, reference"),
         ({"name": "knresnet18", "image_size": 4, "width": 0.0625}, "cannot take 4x4 inputs"),
     ],
 )
 def test_impossible_combinations_fail_clearly(kwargs, match):
     with pytest.raises(FedknError, match=match):
         build(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "vgg6", "knresnet18"])
+def test_kernelnorm_impl_is_a_norm_option(name):
+    """The models pass KNConv2d's impl through (auto by default), so a whole model can run the reference."""
+    for impl in ("auto", "reference"):
+        options = None if impl == "auto" else {"impl": impl}
+        model = build(name, "kn", in_channels=1, width=0.0625, norm_options=options)
+        impls = {m.impl for m in model.modules() if isinstance(m, KNConv2d)}
+        assert impls == {impl}
 
 
 def test_every_norm_is_buildable_by_registry_name():

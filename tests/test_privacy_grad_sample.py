@@ -162,7 +162,7 @@ def test_plain_opacus_on_a_kn_model_without_importing_fedkn_privacy():
     """A user following Opacus' tutorial: GradSampleModule and make_private on a KN model, nothing
     else imported. Dropout 0: per-sample gradients equal a per-sample loop; dropout > 0: one line that
     says what to use. A fresh process, so no fedkn.privacy rule is registered."""
-    done = subprocess.run([sys.executable, "-c", PLAIN_OPACUS], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", PLAIN_OPACUS], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     head, lines = done.stdout.strip().splitlines()[-1].rsplit(" | ", 1)
     assert head.startswith("FedknError ") and "fedkn.privacy.attach" in head and lines == "1", done.stdout

@@ -45,5 +45,5 @@ def init_weights(model: nn.Module) -> None:
 
 
 def kn_conv(norm: Norm, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: Padding = 0) -> KNConv2d:
-    """A KNConv2d with the dropout bound in ``norm`` (KNResNets are KernelNorm-only by design)."""
-    return KNConv2d(in_ch, out_ch, kernel, stride, padding, dropout_p=norm.options["dropout_p"])
+    """A KNConv2d with the dropout and ``impl`` bound in ``norm`` (KNResNets are KernelNorm-only by design)."""
+    return KNConv2d(in_ch, out_ch, kernel, stride, padding, dropout_p=norm.options["dropout_p"], impl=norm.options["impl"])

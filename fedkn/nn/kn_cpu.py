@@ -74,7 +74,8 @@ def _build() -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
+            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                  check=False)
             if done.returncode != 0:
                 raise OSError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
             os.replace(built, target)  # atomic: a concurrent build of the same source is identical

@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fedkn.errors import FedknError
-from fedkn.nn.kernelnorm import KernelNorm2d, KNConv2d, Padding
+from fedkn.nn.kernelnorm import IMPLS, KernelNorm2d, KNConv2d, Padding
 from fedkn.nn.nf import NFResidual, ScaledWSConv2d, set_signal_scales
 from fedkn.nn.wsconv import WSConv2d
 
@@ -169,9 +169,9 @@ NORMS: dict[str, NormSpec] = {
         "KernelNorm: normalizes each convolution window by its own statistics",
         raw_pixels=True,
         batch_independent=True,
-        defaults={"dropout_p": 0.05, "head_dropout_p": None},
+        defaults={"dropout_p": 0.05, "head_dropout_p": None, "impl": "auto"},
         layer=None,
-        conv=lambda i, o, k, s, p, opt: KNConv2d(i, o, k, s, p, dropout_p=opt["dropout_p"]),
+        conv=lambda i, o, k, s, p, opt: KNConv2d(i, o, k, s, p, dropout_p=opt["dropout_p"], impl=opt["impl"]),
         head=lambda opt: KernelNorm2d(1, dropout_p=opt["head_dropout_p"]),
     ),
     "bn": NormSpec("BatchNorm2d: batch statistics and running averages", False, False, {},
@@ -216,6 +216,8 @@ def get_norm(name: str | Norm, defaults: Options | None = None, **options: Any) 
             raise FedknError(f"KernelNorm dropout_p must be in [0, 1), got {p}")
         if resolved["head_dropout_p"] is None:
             resolved["head_dropout_p"] = min(5 * p, 0.25)
+    if "impl" in resolved and resolved["impl"] not in IMPLS:
+        raise FedknError(f"KernelNorm impl must be one of {', '.join(IMPLS)}, got {resolved['impl']!r}")
     return Norm(name, spec, resolved)
 
 
