@@ -351,3 +351,20 @@ def test_report_of_private_free_runs_has_no_epsilon_column(tmp_path: Path) -> No
     assert main(["report", str(tmp_path)]) == 0
     header = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| norm |"))
     assert "ε" not in header
+
+
+def test_tuning_edges_are_those_of_the_lrs_each_norm_tried(tmp_path: Path) -> None:
+    """A norm added later with a wider grid must not hide that an earlier norm's choice is at its grid's edge."""
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5])
+    tried = {"kn": {0.01: 0.5, 0.1: 0.7}, "nf": {0.001: 0.3, 0.01: 0.4, 0.1: 0.8, 1.0: 0.6}}
+    for norm, scores in tried.items():
+        for lr, acc in scores.items():
+            d = tmp_path / "tune" / f"{norm}_iid_lr{lr:g}_s0"
+            d.mkdir(parents=True)
+            write_point(d, TunePoint(norm, "iid", lr, 0, "ok", acc, 1.0, 50, "clients' val splits", d.name))
+    write_meta(tmp_path, {"norms": ["kn", "nf"], "partitions": ["iid"], "seeds": [0],
+                          "tuning": {"grid": [0.001, 0.01, 0.1, 1.0], "rounds": 1, "seed": 0, "on": "all"}})
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    groups = {g["norm"]: g for g in json.loads((tmp_path / "tuning.json").read_text())["groups"]}
+    assert (groups["kn"]["lr"], groups["kn"]["edge"]) == (0.1, "high")  # 0.1 is the top of what kn tried
+    assert (groups["nf"]["lr"], groups["nf"]["edge"]) == (0.1, "")

@@ -622,8 +622,8 @@ def tuning_summary(out: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         mine = [p for p in points if p.norm == norm and p.partition == partition and p.seed == seed and p.lr in grid]
         if not mine:
             continue
-        try:
-            c = choose(mine, grid)
+        try:  # edges are those of the lrs this group tried: groups added later may have a wider grid
+            c = choose(mine)
         except FedknError:
             groups.append({"norm": norm, "partition": partition, "lr": math.nan, "edge": "all diverged",
                            "points": [p.to_json() for p in mine]})
