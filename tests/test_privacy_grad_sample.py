@@ -24,9 +24,10 @@ NON_BN = ("kn", "gn", "ln", "wsgn", "none", "nf")
 NO_DROPOUT = {"dropout_p": 0.0, "head_dropout_p": 0.0}
 
 
-def _model(name: str, norm: str, width: float = 0.0625, **norm_options) -> torch.nn.Module:
+def _model(name: str, norm: str, width: float = 0.0625, impl: str = "auto", **norm_options) -> torch.nn.Module:
+    """``impl``: KNConv2d's implementation (every per-sample test runs on the fused kernels and the reference)."""
     torch.manual_seed(0)
-    opts = (norm_options or NO_DROPOUT) if norm == "kn" else None
+    opts = {**(norm_options or NO_DROPOUT), "impl": impl} if norm == "kn" else None
     return build(name, norm, num_classes=10, in_channels=1, width=width, norm_options=opts).double().train()
 
 
@@ -49,9 +50,9 @@ def _assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize("model_name", ["resnet8", "vgg6"])
-@pytest.mark.parametrize("norm", NON_BN)
-def test_per_sample_gradients_match_loop(model_name, norm):
-    model = _model(model_name, norm)
+@pytest.mark.parametrize(("norm", "impl"), [(n, "auto") for n in NON_BN] + [("kn", "reference")])
+def test_per_sample_gradients_match_loop(model_name, norm, impl):
+    model = _model(model_name, norm, impl=impl)
     validate_model(model)
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     y = torch.tensor([1, 4, 7])
@@ -80,10 +81,11 @@ def test_each_weight_gradient_method_matches_loop(method):
         set_method("auto")
 
 
-def test_train_mode_dropout_uses_the_forward_pass_masks():
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_train_mode_dropout_uses_the_forward_pass_masks(impl):
     """With KernelNorm's statistics dropout on, per-sample gradients are those of the very forward
     pass that ran (same masks): compared with per-sample autograd over one identical forward."""
-    model = _model("resnet8", "kn", dropout_p=0.1, head_dropout_p=0.25)
+    model = _model("resnet8", "kn", impl=impl, dropout_p=0.1, head_dropout_p=0.25)
     x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     ref_model = copy.deepcopy(model)
