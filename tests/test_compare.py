@@ -33,7 +33,19 @@ from fedkn.compare.report import (
     t_interval,
     write_meta,
 )
-from fedkn.compare.tuning import TunePoint, choose, parse_lr_grid, write_point
+from fedkn.compare.tuning import (
+    MAX_EXTENSIONS,
+    NEAR_CHANCE_FACTOR,
+    TunePoint,
+    TuneSpec,
+    check_above_chance,
+    choose,
+    grid_step,
+    parse_lr_grid,
+    search,
+    tune,
+    write_point,
+)
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from fedkn.results import RunDir
@@ -146,19 +158,122 @@ def _point(lr: float, acc: float, loss: float = 1.0, status: str = "ok") -> Tune
 
 
 def test_choose_picks_best_validation_score_and_flags_edges() -> None:
-    grid = [0.001, 0.01, 0.1]
-    middle = choose([_point(0.001, 0.5), _point(0.01, 0.9), _point(0.1, 0.7)], grid)
+    middle = choose([_point(0.001, 0.5), _point(0.01, 0.9), _point(0.1, 0.7)])
     assert (middle.lr, middle.edge, middle.at_edge) == (0.01, "", False)
-    high = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, 0.7)], grid)
+    high = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, 0.7)])
     assert (high.lr, high.edge) == (0.1, "high")
-    low = choose([_point(0.001, 0.8), _point(0.01, 0.6), _point(0.1, 0.7)], grid)
+    low = choose([_point(0.001, 0.8), _point(0.01, 0.6), _point(0.1, 0.7)])
     assert (low.lr, low.edge) == (0.001, "low")
-    tie = choose([_point(0.001, 0.8, 0.9), _point(0.01, 0.8, 0.4), _point(0.1, 0.1)], grid)
+    tie = choose([_point(0.001, 0.8, 0.9), _point(0.01, 0.8, 0.4), _point(0.1, 0.1)])
     assert tie.lr == 0.01  # equal accuracy: lower validation loss wins
-    diverged = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, math.nan, status="diverged")], grid)
+    diverged = choose([_point(0.001, 0.5), _point(0.01, 0.6), _point(0.1, math.nan, status="diverged")])
     assert (diverged.lr, diverged.edge) == (0.01, "")  # a larger lr was tried (and diverged): not an edge
     with pytest.raises(FedknError, match="every lr of the grid failed"):
-        choose([_point(0.1, math.nan, status="diverged")], grid)
+        choose([_point(0.1, math.nan, status="diverged")])
+
+
+def _peaked(peak: float, calls: list[float] | None = None, diverge_above: float = math.inf):
+    """A stub scorer: validation accuracy falls off with the log distance from ``peak``."""
+
+    def score(lr: float) -> TunePoint:
+        if calls is not None:
+            calls.append(lr)
+        if lr > diverge_above:
+            return _point(lr, math.nan, status="diverged")
+        return _point(lr, 0.9 - 0.1 * abs(math.log2(lr / peak)))
+
+    return score
+
+
+def test_grid_step_is_the_grids_log_spacing() -> None:
+    assert grid_step(parse_lr_grid("log:0.005:0.08:5")) == pytest.approx(2.0)
+    assert grid_step([0.01, 0.03, 0.1]) == pytest.approx(math.sqrt(10))
+    assert grid_step([0.1]) == 2.0
+
+
+def test_search_extends_the_grid_past_the_edge_until_the_choice_is_inside() -> None:
+    calls: list[float] = []
+    high = search([0.01, 0.02, 0.04], _peaked(0.16, calls))
+    assert high.extended == (0.08, 0.16, 0.32) and calls[3:] == [0.08, 0.16, 0.32]
+    assert (high.lr, high.edge, high.capped) == (0.16, "", False)
+    assert [p.lr for p in high.points] == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32]
+    low = search([0.01, 0.02, 0.04], _peaked(0.0025))
+    assert (low.lr, low.extended, low.edge) == (0.0025, (0.005, 0.0025, 0.00125), "")
+    inside = search([0.01, 0.02, 0.04], _peaked(0.02))
+    assert (inside.lr, inside.extended) == (0.02, ())
+    # the spacing of a comma grid, rounded to 3 digits like log grids
+    assert search([0.01, 0.1], _peaked(1.0)).extended[0] == 1.0
+
+
+def test_search_stops_at_a_diverged_lr_a_missing_score_and_the_cap() -> None:
+    diverged = search([0.01, 0.02, 0.04], _peaked(1.0, diverge_above=0.1))
+    assert (diverged.lr, diverged.extended, diverged.edge) == (0.08, (0.08, 0.16), "")
+    scores = {lr: _point(lr, acc) for lr, acc in ((0.01, 0.5), (0.02, 0.6), (0.04, 0.7))}
+    pending = search([0.01, 0.02, 0.04], scores.get)  # the next lr (0.08) is not scored: stays flagged
+    assert (pending.lr, pending.edge, pending.extended, pending.capped) == (0.04, "high", (), False)
+    calls: list[float] = []
+    capped = search([0.01, 0.02], _peaked(100.0, calls))
+    assert len(capped.extended) == MAX_EXTENSIONS and len(calls) == 2 + MAX_EXTENSIONS
+    assert (capped.lr, capped.edge, capped.capped) == (0.32, "high", True)
+
+
+def test_near_chance_scores_stop_the_tuning_with_one_line() -> None:
+    chance = 0.1
+    ok = choose([_point(0.01, NEAR_CHANCE_FACTOR * chance + 0.001), _point(0.02, 0.1)])
+    check_above_chance({("kn", "iid"): ok}, chance, 15)  # just above the margin: fine
+    low = choose([_point(0.01, 0.12), _point(0.02, 0.149)])
+    with pytest.raises(FedknError, match=r"below 1.5x chance \(15.0%\) for kn on iid 14.9% at lr 0.02.*--tune-rounds, now 15") as err:
+        check_above_chance({("kn", "iid"): ok, ("kn", "dir0.1"): low}, chance, 15)
+    assert "\n" not in str(err.value)
+
+
+def _stub_tuning(monkeypatch: pytest.MonkeyPatch, accuracy) -> list[str]:
+    """tune() without simulations: each run writes its config and is scored as ``accuracy(lr)``."""
+    import fedkn.compare.grid as grid
+    import fedkn.compare.tuning as tuning
+
+    ran: list[str] = []
+
+    def run_cells(jobs, *, on_done, **_):
+        for _what, cell, cfg, path in jobs:
+            prepare_dir(path, cfg)
+            ran.append(path.name)
+            on_done(cell, cfg, path, {}, None)
+        return []
+
+    def validation_score(path):
+        return accuracy(RunDir(path).read_config().lr), 1.0, 100, "clients' val splits"
+
+    monkeypatch.setattr(grid, "run_cells", run_cells)
+    monkeypatch.setattr(tuning, "validation_score", validation_score)
+    return ran
+
+
+def test_tune_runs_the_extensions_reuses_scores_and_redoes_other_lengths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _stub_tuning(monkeypatch, lambda lr: 0.9 - 0.1 * abs(math.log2(lr / 0.08)))
+    base = RunConfig.from_dict({"num-clients": 3, "width": 0.125})
+    spec = TuneSpec(grid=(0.01, 0.02, 0.04), rounds=2, seed=0, on="all")
+    choice = tune(base, [("kn", "iid")], spec, tmp_path)[("kn", "iid")]
+    assert (choice.lr, choice.extended, choice.edge) == (0.08, (0.08, 0.16), "")
+    assert ran == [f"kn_iid_lr{v:g}_s0" for v in (0.01, 0.02, 0.04, 0.08, 0.16)]
+    ran.clear()
+    assert tune(base, [("kn", "iid")], spec, tmp_path)[("kn", "iid")].lr == 0.08 and ran == []  # all reused
+    longer = tune(base, [("kn", "iid")], TuneSpec(spec.grid, 3, 0, "all"), tmp_path)[("kn", "iid")]
+    assert longer.lr == 0.08 and len(ran) == 5  # planned with 2 rounds: every run again, at 3
+    assert RunDir(tmp_path / "tune" / "kn_iid_lr0.16_s0").read_config().num_rounds == 3
+
+
+def test_compare_stops_when_tuning_scores_are_near_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ran = _stub_tuning(monkeypatch, lambda lr: 0.12)  # digits: 10 classes, chance 10%
+    args = ["compare", "--norms", "kn", "--partitions", "iid", "--seeds", "1", "--set", "num-clients=3",
+            "--lr-grid", "0.01,0.02,0.04", "--tune-rounds", "2", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "below 1.5x chance" in err and "--tune-rounds, now 2" in err
+    # a flat score ties to the smallest lr, a low edge: the grid was extended 4 times before the refusal
+    assert len(ran) == 3 + MAX_EXTENSIONS and ran[-1] == "kn_iid_lr0.000625_s0"
+    assert not (tmp_path / "runs").exists()  # no grid cell ran
 
 
 # --------------------------------------------------------------------------------------------------

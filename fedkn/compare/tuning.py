@@ -4,8 +4,24 @@ For each tuning group (a norm on one partition) every lr of a small grid is run 
 and a shortened round budget, into ``<out>/tune/<norm>_<partition>_lr<lr>_s<seed>/``. The final
 global model of each run is scored on a **validation split carved from the clients' training
 data** (:func:`validation_score`), and the group's lr is the one with the best validation
-accuracy (ties: lower validation loss, then the smaller lr). A choice at either end of the grid is
-flagged: the grid should be widened on that side.
+accuracy (ties: lower validation loss, then the smaller lr).
+
+Two guards make the choice trustworthy (:func:`search`, :func:`check_above_chance`):
+
+- **A choice at an edge extends the grid.** When the best lr is the lowest (highest) one tried,
+  one more lr beyond that edge is run and scored, a factor :func:`grid_step` away (the grid's own
+  log spacing, ``(max / min) ** (1 / (count - 1))``; 2 for a one-value grid), and the choice is
+  made again, until it is no longer at an edge or :data:`MAX_EXTENSIONS` lrs were added; a choice
+  still at an edge then is flagged (``Choice.capped``), as is one whose next lr is not scored yet.
+  A diverged lr counts as tried, so a best lr just below a diverged one is not at an edge.
+- **No lr is chosen from scores near chance.** If a group's best validation accuracy is below
+  :data:`NEAR_CHANCE_FACTOR` x chance (chance = 1 / number of classes), the runs are too short to
+  tell the lrs apart: tuning stops with one line saying to lengthen them (``--tune-rounds``)
+  before any grid cell runs. (Reports of tuning scored before this check mark such groups
+  unusable instead.)
+
+A tuning run is reused only when it was planned with the same number of rounds; one of another
+length is deleted and run again from scratch (its eval schedule differs, so it cannot resume).
 
 Which validation split: when the run config carries ``val-fraction > 0`` (``fedkn compare`` sets
 ``--val-fraction``, default 0.1, in every tuning run; those samples never reach training), the
@@ -22,8 +38,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +51,10 @@ from fedkn.errors import FedknError
 
 SCORE_FILE = "val_score.json"
 DEFAULT_VAL_FRACTION = 0.1
+#: Most lrs added beyond an edge of the grid per tuning group before the choice is flagged instead.
+MAX_EXTENSIONS = 4
+#: A best validation accuracy below this multiple of chance (1 / classes) chooses nothing.
+NEAR_CHANCE_FACTOR = 1.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,17 +141,27 @@ class Choice:
     points: tuple[TunePoint, ...]  # sorted by lr
     lr: float
     edge: str  # "" | "low" | "high"
+    extended: tuple[float, ...] = ()  # lrs added beyond the grid's edges, in the order they were run
 
     @property
     def at_edge(self) -> bool:
         return bool(self.edge)
 
+    @property
+    def capped(self) -> bool:
+        """Still at an edge after the most extensions :func:`search` may add."""
+        return self.at_edge and len(self.extended) >= MAX_EXTENSIONS
 
-def choose(points: Sequence[TunePoint], grid: Sequence[float] | None = None) -> Choice:
+    @property
+    def best(self) -> TunePoint:
+        return next(p for p in self.points if p.lr == self.lr)
+
+
+def choose(points: Sequence[TunePoint]) -> Choice:
     """The lr with the best validation accuracy (ties: lower loss, then smaller lr); flags edges.
 
-    ``grid`` is the full grid the points come from (default: the points' lrs); a choice at its
-    lowest or highest value is flagged ``low`` / ``high``.
+    A choice at the lowest or highest lr tried (diverged ones count as tried) is flagged
+    ``low`` / ``high``.
     """
     if not points:
         raise FedknError("no tuning runs to choose a learning rate from")
@@ -142,13 +173,73 @@ def choose(points: Sequence[TunePoint], grid: Sequence[float] | None = None) -> 
             f"({pts[0].error or pts[0].status}); try smaller learning rates"
         )
     best = min(ok, key=lambda p: (-p.val_accuracy, p.val_loss if math.isfinite(p.val_loss) else math.inf, p.lr))
-    values = sorted(grid) if grid else [p.lr for p in pts]
     edge = ""
-    if len(values) >= 1 and best.lr <= values[0]:
+    if best.lr <= pts[0].lr:
         edge = "low"
-    elif best.lr >= values[-1]:
+    elif best.lr >= pts[-1].lr:
         edge = "high"
     return Choice(norm=pts[0].norm, partition=pts[0].partition, points=tuple(pts), lr=best.lr, edge=edge)
+
+
+def grid_step(grid: Sequence[float]) -> float:
+    """The factor between an edge of the grid and the lr that extends it: the grid's mean log spacing."""
+    if len(grid) < 2:
+        return 2.0
+    return float((max(grid) / min(grid)) ** (1.0 / (len(grid) - 1)))
+
+
+def search(
+    grid: Sequence[float],
+    score: Callable[[float], TunePoint | None],
+    *,
+    step: float | None = None,
+    max_extensions: int = MAX_EXTENSIONS,
+) -> Choice:
+    """Choose among ``grid``'s lrs, extending the grid past the edge the choice sits at.
+
+    ``score(lr)`` returns the lr's scored point, or None where there is none (then that lr is left
+    out; an extension stops there). ``step`` defaults to :func:`grid_step` of ``grid``. The
+    extended lrs are rounded to 3 significant digits, as ``log:`` grids are.
+    """
+    factor = step if step is not None else grid_step(grid)
+    points = [p for lr in grid if (p := score(lr)) is not None]
+    choice = choose(points)
+    extended: list[float] = []
+    while choice.at_edge and len(extended) < max_extensions:
+        tried = [p.lr for p in choice.points]
+        lr = float(f"{(tried[0] / factor if choice.edge == 'low' else tried[-1] * factor):.3g}")
+        if any(math.isclose(lr, v, rel_tol=1e-9) for v in tried):
+            break  # a step too fine for 3 digits: nothing new to try
+        point = score(lr)
+        if point is None:
+            break
+        extended.append(lr)
+        points.append(point)
+        choice = choose(points)
+    return replace(choice, extended=tuple(extended))
+
+
+def chance_level(cfg: RunConfig) -> float:
+    """Accuracy of guessing: 1 / the number of classes of ``cfg``'s dataset."""
+    from fedkn.data import load_dataset
+
+    return 1.0 / load_dataset(cfg.dataset, "test", cfg.data_dir or None).num_classes
+
+
+def near_chance(choice: Choice, chance: float) -> bool:
+    """Whether the group's best validation accuracy is too close to chance to choose from."""
+    return choice.best.val_accuracy < NEAR_CHANCE_FACTOR * chance
+
+
+def check_above_chance(choices: dict[tuple[str, str], Choice], chance: float, rounds: int) -> None:
+    """Stop (one line) when any group's best validation score is near chance."""
+    bad = [c for c in choices.values() if near_chance(c, chance)]
+    if bad:
+        which = "; ".join(f"{c.norm} on {c.partition} {100 * c.best.val_accuracy:.1f}% at lr {c.lr:g}" for c in bad)
+        raise FedknError(
+            f"tuning: best validation accuracy below {NEAR_CHANCE_FACTOR:g}x chance ({100 * NEAR_CHANCE_FACTOR * chance:.1f}%) "
+            f"for {which}: the lrs cannot be told apart; lengthen the tuning runs (--tune-rounds, now {rounds})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,6 +323,21 @@ def load_points(tune_dir: Path) -> list[TunePoint]:
     return [p for d in sorted(tune_dir.iterdir()) if d.is_dir() and (p := read_point(d)) is not None]
 
 
+def planned_rounds(path: Path) -> int | None:
+    """The rounds a tuning run was planned with (its config), None if ``path`` holds no run."""
+    from fedkn.results import CONFIG_FILE, RunDir
+
+    return RunDir(path).read_config().num_rounds if (path / CONFIG_FILE).is_file() else None
+
+
+def run_seconds(path: Path) -> float:
+    """Wall seconds a run took (its last ``elapsed_s``, which adds up over resumes); nan if unknown."""
+    from fedkn.compare.grid import read_summary
+
+    v = read_summary(path).get("elapsed_s")
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
 # --------------------------------------------------------------------------------------------------
 # the tuning step
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +365,9 @@ def tune(
     force: bool = False,
     verbose: bool = False,
 ) -> dict[tuple[str, str], Choice]:
-    """Run and score the grid for each ``(norm, partition)`` group; the choice per group."""
+    """Run and score the grid for each ``(norm, partition)`` group, extending it past an edge
+    the choice sits at (:func:`search`); the choice per group. Stops (one line) if a group's best
+    score is near chance (:func:`check_above_chance`), before any grid cell runs."""
     from fedkn.compare.grid import TUNE_DIR, Cell, cell_config, run_cells
 
     tune_root = out / TUNE_DIR
@@ -268,16 +376,19 @@ def tune(
     extra: dict[str, Any] = {"num_rounds": spec.rounds, "eval_every": spec.rounds}
     if spec.val_fraction > 0:
         extra["val_fraction"] = spec.val_fraction
-    jobs = []
-    for norm, partition in groups:
-        for lr in spec.grid:
-            cell = Cell(norm, partition, spec.seed, lr)
-            cfg = cell_config(base, cell, name=cell.tune_name(), output_dir=tune_root, **extra)
-            path = tune_root / cell.tune_name()
-            point = None if force else read_point(path)
-            if point is not None and point.lr == lr:
-                continue  # scored earlier (a diverged run is recorded as such and not re-run)
-            jobs.append(("tune", cell, cfg, path))
+
+    def job(norm: str, partition: str, lr: float) -> tuple[str, Cell, RunConfig, Path] | None:
+        """The tuning run of one lr, or None when it is scored already at this length."""
+        cell = Cell(norm, partition, spec.seed, lr)
+        cfg = cell_config(base, cell, name=cell.tune_name(), output_dir=tune_root, **extra)
+        path = tune_root / cell.tune_name()
+        rounds = planned_rounds(path)
+        if rounds is not None and rounds != spec.rounds:
+            print(f"tuning: {path.name} was planned with {rounds} rounds, not {spec.rounds}: running it again", flush=True)
+            shutil.rmtree(path)
+        elif not force and (point := read_point(path)) is not None and point.lr == lr:
+            return None  # scored earlier (a diverged run is recorded as such and not re-run)
+        return ("tune", cell, cfg, path)
 
     def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: dict[str, Any] | None, err: BaseException | None) -> None:
         if err is not None:
@@ -289,18 +400,29 @@ def tune(
             print(f"      validation ({source}): accuracy {100 * acc:.1f}%, loss {loss:.3f}", flush=True)
         write_point(path, point)
 
+    def run(jobs: Sequence[tuple[str, Cell, RunConfig, Path]]) -> None:
+        run_cells(jobs, force=force, verbose=verbose, quiet_rounds=True, on_done=on_done,
+                  catch=lambda e: "diverged" in str(e), show_scores=False)
+
+    jobs = [j for norm, partition in groups for lr in spec.grid if (j := job(norm, partition, lr)) is not None]
     if jobs:
         print(f"tuning: {len(jobs)} runs (lr grid {', '.join(f'{v:g}' for v in spec.grid)}; "
               f"{spec.rounds} rounds, seed {spec.seed})", flush=True)
-        run_cells(jobs, force=force, verbose=verbose, quiet_rounds=True, on_done=on_done,
-                  catch=lambda e: "diverged" in str(e), show_scores=False)
-    points = load_points(tune_root)
+        run(jobs)
+
     choices: dict[tuple[str, str], Choice] = {}
     for norm, partition in groups:
-        mine = [p for p in points if p.norm == norm and p.partition == partition and p.seed == spec.seed and p.lr in spec.grid]
-        choice = choose(mine, spec.grid)
+        def score(lr: float, norm: str = norm, partition: str = partition) -> TunePoint | None:
+            if lr not in spec.grid and (j := job(norm, partition, lr)) is not None:
+                print(f"tuning: {norm} on {partition}: best lr at an edge of the lrs tried, extending to {lr:g}", flush=True)
+                run([j])
+            return read_point(tune_root / Cell(norm, partition, spec.seed, lr).tune_name())
+
+        choice = search(spec.grid, score)
         choices[(norm, partition)] = choice
-        flag = f"  (at the {choice.edge} edge of the grid)" if choice.edge else ""
+        flag = f"  (still at the {choice.edge} edge after {len(choice.extended)} extensions)" if choice.edge else ""
         scores = ", ".join(f"{p.lr:g}: {'diverged' if p.status != 'ok' else f'{100 * p.val_accuracy:.1f}%'}" for p in choice.points)
         print(f"tuned {norm} on {partition}: lr {choice.lr:g}{flag}  [{scores}]", flush=True)
+    if choices:
+        check_above_chance(choices, chance_level(base), spec.rounds)
     return choices
