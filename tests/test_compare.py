@@ -27,9 +27,14 @@ from fedkn.compare.grid import (
 )
 from fedkn.compare.report import (
     RunRecord,
+    gain_window,
+    headline,
+    headline_window,
     mean_std,
-    paired_difference,
+    paired_differences,
+    read_meta,
     rounds_to_target,
+    seconds_to,
     t_interval,
     write_meta,
 )
@@ -229,8 +234,7 @@ def test_near_chance_scores_stop_the_tuning_with_one_line() -> None:
 
 def _stub_tuning(monkeypatch: pytest.MonkeyPatch, accuracy) -> list[str]:
     """tune() without simulations: each run writes its config and is scored as ``accuracy(lr)``."""
-    import fedkn.compare.grid as grid
-    import fedkn.compare.tuning as tuning
+    from fedkn.compare import grid, tuning
 
     ran: list[str] = []
 
@@ -302,28 +306,59 @@ def test_t_interval_matches_scipy(diffs: list[float]) -> None:
     assert m1 == 0.3 and math.isnan(lo1) and math.isnan(hi1)
 
 
-def _record(norm: str, seed: int, final: float, partition: str = "iid", fed: float | None = None) -> RunRecord:
+def test_headline_window_and_gain_window() -> None:
+    assert headline_window(30) == (28, 30) and gain_window(30) == (22, 24)  # last 10%; same width ending at 80%
+    assert headline_window(200, 5) == (181, 200) and gain_window(200, 5) == (141, 160)
+    assert headline_window(30, 5) == (26, 30) and gain_window(30, 5) == (20, 24)  # widened to hold an evaluation
+    assert headline_window(3) == (3, 3) and gain_window(3) == (2, 2)
+    assert headline_window(1) == (1, 1) and gain_window(1) == (1, 0)  # empty: no gain for a 1-round run
+
+
+def test_headline_averages_the_last_evaluations_and_counts_them() -> None:
+    # 30 rounds evaluated every 5: the window 26-30 holds one evaluation (round 30), 20-24 one (round 20)
+    rows = [{"round": r, "test_accuracy": 0.5 + r / 100 if r % 5 == 0 else math.nan} for r in range(31)]
+    value, evals, gain = headline(rows, "test_accuracy", 30, 5)
+    assert (value, evals, gain) == (pytest.approx(0.8), 1, pytest.approx(0.1))
+    # every round: the mean of rounds 28-30 minus the mean of rounds 22-24
+    every = [{"round": r, "test_accuracy": a} for r, a in enumerate([0.1] * 22 + [0.70, 0.72, 0.74, 0.7, 0.7, 0.7, 0.80, 0.76, 0.75])]
+    value, evals, gain = headline(every, "test_accuracy", 30)
+    assert (value, evals, gain) == (pytest.approx(0.77), 3, pytest.approx(0.05))
+    flat = [{"round": r, "test_accuracy": 0.9} for r in range(31)]
+    assert headline(flat, "test_accuracy", 30)[2] == pytest.approx(0.0)
+    assert math.isnan(headline([{"round": 0, "test_accuracy": 0.1}], "test_accuracy", 30)[0])
+
+
+def test_seconds_to_target_sums_the_round_times_up_to_it() -> None:
+    rows = [{"round": 0, "round_time_s": 9.0}, {"round": 1, "round_time_s": 2.5}, {"round": 2, "round_time_s": 1.5},
+            {"round": 3, "round_time_s": 4.0}]
+    assert seconds_to(rows, 2) == 4.0 and seconds_to(rows, 3) == 8.0  # round 0 (untrained model) left out
+    assert seconds_to(rows, None) is None
+
+
+def _record(norm: str, seed: int, head: float, partition: str = "iid", fed: float | None = None) -> RunRecord:
     rec = RunRecord(norm, partition, seed, 0.01, "finished", [], {}, Path(f"{norm}_{seed}"), 5)
-    rec.figures = {"final_test_accuracy": final, "final_fed_eval_accuracy": final if fed is None else fed}
+    rec.figures = {"headline_test_accuracy": head, "headline_fed_eval_accuracy": head if fed is None else fed}
     return rec
 
 
-def test_paired_difference_against_the_best_other_norm() -> None:
+def test_paired_differences_against_every_other_norm() -> None:
     recs = [
-        _record("kn", 0, 0.90), _record("kn", 1, 0.80), _record("kn", 2, 0.85),
+        _record("kn", 0, 0.90, fed=0.91), _record("kn", 1, 0.80, fed=0.82), _record("kn", 2, 0.85, fed=0.86),
         _record("gn", 0, 0.88), _record("gn", 1, 0.81), _record("gn", 2, 0.80),
-        _record("none", 0, 0.50), _record("none", 1, 0.55), _record("none", 2, 0.52),
+        _record("none", 0, 0.50), _record("none", 1, 0.55),  # seed 2 missing: paired on seeds 0, 1
         _record("fedbn", 0, math.nan, fed=0.95), _record("fedbn", 1, math.nan, fed=0.94), _record("fedbn", 2, math.nan, fed=0.96),
         _record("kn", 0, 0.10, partition="dir0.1"),
     ]
-    pd = paired_difference(recs, "iid", "final_test_accuracy")
-    assert pd is not None and pd.other == "gn" and pd.seeds == [0, 1, 2]
-    assert pd.diffs == pytest.approx([0.02, -0.01, 0.05])
-    ref = stats.t.interval(0.95, 2, loc=np.mean(pd.diffs), scale=stats.sem(pd.diffs))
-    assert (pd.low, pd.high) == (pytest.approx(ref[0]), pytest.approx(ref[1]))
-    fed = paired_difference(recs, "iid", "final_fed_eval_accuracy")
-    assert fed is not None and fed.other == "fedbn" and fed.mean < 0  # fedbn counts where its metric exists
-    assert paired_difference(recs, "dir0.1", "final_test_accuracy") is None  # no other norm there
+    pds = {pd.other: pd for pd in paired_differences(recs, "iid")}
+    assert list(pds) == ["gn", "none", "fedbn"]
+    gn = pds["gn"]
+    assert gn.metric == "headline_test_accuracy" and gn.seeds == [0, 1, 2] and gn.diffs == pytest.approx([0.02, -0.01, 0.05])
+    ref = stats.t.interval(0.95, 2, loc=np.mean(gn.diffs), scale=stats.sem(gn.diffs))
+    assert (gn.low, gn.high) == (pytest.approx(ref[0]), pytest.approx(ref[1]))
+    assert pds["none"].seeds == [0, 1] and pds["none"].diffs == pytest.approx([0.40, 0.25])
+    fedbn = pds["fedbn"]  # no test figure: both on the clients' headline
+    assert fedbn.metric == "headline_fed_eval_accuracy" and fedbn.diffs == pytest.approx([-0.04, -0.12, -0.10])
+    assert paired_differences(recs, "dir0.1") == []  # no other norm there
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,7 +367,7 @@ def test_paired_difference_against_the_best_other_norm() -> None:
 
 
 def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition: str = "iid", status: str = "finished",
-              dp_epsilon: float | None = None) -> Path:
+              dp_epsilon: float | None = None, round_time: float = 2.0) -> Path:
     base = RunConfig.from_dict({"num-rounds": len(accs) - 1, "width": 0.125, "num-clients": 3})
     cfg = cell_config(base, Cell(norm, partition, seed), output_dir=root / "runs")
     path = root / "runs" / Cell(norm, partition, seed).name
@@ -343,7 +378,8 @@ def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition:
         run.append_metrics({
             "round": r, "test_loss": math.nan if fedbn else 2 - a, "test_accuracy": math.nan if fedbn else a,
             "fed_eval_loss": 2 - a, "fed_eval_accuracy": a, "train_loss": 1.0, "train_accuracy": a,
-            "clients_trained": 3 if r else 0, "bytes_sent": 1_000_000 if r else 0, "round_time_s": 2.0, "elapsed_s": 2.0 * r,
+            "clients_trained": 3 if r else 0, "bytes_sent": 1_000_000 if r else 0, "round_time_s": round_time,
+            "elapsed_s": round_time * r,
         })
     summary = {"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234}
     if dp_epsilon is not None:
@@ -375,21 +411,33 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
     text = (tmp_path / "report.md").read_text()
     assert "fedkn compare --norms kn,gn,fedbn" in text
     kn_row = next(line for line in text.splitlines() if line.startswith("| **kn**"))
-    # final 0.9/0.88 -> 89.0 ± 1.4; best = final; rounds to 80%: 2 and 2 -> 2.0
-    assert "89.0 ± 1.4" in kn_row and "| 2.0 |" in kn_row and "1,234" in kn_row and "1.00" in kn_row
+    # 3 rounds: headline window = round 3 (0.9/0.88 -> 89.0 ± 1.4), gain over round 2: +5 and +8 -> +6.5;
+    # rounds to 80%: 2 and 2 -> 2.0, i.e. 2 rounds of 2 s -> 4 s
+    assert kn_row.startswith("| **kn** | 0.01 | 89.0 ± 1.4 | +6.5 ↑ | 89.0 ± 1.4 | 89.0 ± 1.4 | 2.0 | 4 |")
+    assert "1,234" in kn_row and "1.00" in kn_row
     fedbn_row = next(line for line in text.splitlines() if line.startswith("| fedbn"))
-    assert "| n/a | n/a |" in fedbn_row and "94.0 ± 1.4" in fedbn_row
+    assert "| 94.0 ± 1.4 † | +4.0 ↑ | n/a | n/a | n/a | n/a |" in fedbn_row  # the clients' headline
     gn_row = next(line for line in text.splitlines() if line.startswith("| gn"))
     assert "85.0 ± 1.4" in gn_row and "| 2 |" in gn_row.replace(" ", " ")  # 2 finished seeds only
-    assert "| iid | final test acc | gn | +4.0 |" in text  # kn - gn, paired per seed
+    assert "| iid | gn | headline test acc | +4.0 |" in text  # kn - gn, paired per seed
+    assert "| iid | fedbn | clients' headline acc | -5.0 |" in text
+    assert "Headline window: rounds 3-3" in text and "mean over rounds 2-2" in text
+    assert "⚠ In 6 of 6 runs the headline window holds fewer than 3 evaluations (1)" in text
+    assert "not converged: iid: kn (+6.5), gn (+20.0), fedbn (+4.0)." in text
     assert "gn_iid_s2: running" in text
     assert "lr 0.01" in text and "**60.0 (1.000)**" in text and "0.1 ⚠ high edge" in text
-    for png in ("accuracy_test.png", "accuracy_clients.png", "tuning.png"):
+    for png in ("accuracy_test.png", "accuracy_clients.png", "accuracy_test_seconds.png", "accuracy_clients_seconds.png",
+                "tuning.png"):
         assert (tmp_path / png).stat().st_size > 5000 and f"({png})" in text
     with open(tmp_path / "final_metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["norm"], r["seed"], r["status"]) for r in rows][:3] == [("kn", "0", "finished"), ("kn", "1", "finished"), ("gn", "0", "finished")]
     assert len(rows) == 7 and float(rows[0]["final_test_accuracy"]) == 0.9 and rows[0]["rounds_to_target"] == "2"
+    assert (rows[0]["headline_accuracy"], rows[0]["headline_metric"], rows[0]["headline_rounds"], rows[0]["headline_evals"]) \
+        == ("0.9", "test_accuracy", "3-3", "1")
+    assert float(rows[0]["gain_last20"]) == pytest.approx(0.05) and rows[0]["seconds_to_target"] == "4.0"
+    fedbn = next(r for r in rows if r["norm"] == "fedbn")
+    assert fedbn["headline_metric"] == "fed_eval_accuracy" and float(fedbn["headline_accuracy"]) == 0.95
     tuning = json.loads((tmp_path / "tuning.json").read_text())
     assert tuning["groups"][0]["lr"] == 0.1 and tuning["groups"][0]["edge"] == "high"
 
@@ -483,3 +531,54 @@ def test_tuning_edges_are_those_of_the_lrs_each_norm_tried(tmp_path: Path) -> No
     groups = {g["norm"]: g for g in json.loads((tmp_path / "tuning.json").read_text())["groups"]}
     assert (groups["kn"]["lr"], groups["kn"]["edge"]) == (0.1, "high")  # 0.1 is the top of what kn tried
     assert (groups["nf"]["lr"], groups["nf"]["edge"]) == (0.1, "")
+
+
+def test_report_ranks_by_headline_and_converged_cells_are_not_flagged(tmp_path: Path) -> None:
+    """A noisy last round does not decide the order; flat curves are not flagged as still gaining."""
+    noisy = [0.1] + [0.8] * 27 + [0.9, 0.9, 0.6]  # 30 rounds: last round 60%, headline mean(0.9, 0.9, 0.6) = 80%
+    steady = [0.1] + [0.78] * 30
+    _fake_run(tmp_path, "bn", 0, noisy)
+    _fake_run(tmp_path, "gn", 0, steady, round_time=4.0)
+    assert main(["report", str(tmp_path), "--no-plots", "--target", "0.75"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "headline test acc: bn 80.0 > gn 78.0" in text  # the last round alone would put gn first
+    assert "No cell gains more than 1 point" in text and "fewer than 3 evaluations" not in text
+    gn_row = next(line for line in text.splitlines() if line.startswith("| gn"))
+    assert "| 78.0 | +0.0 |" in gn_row and "| 1 | 4 |" in gn_row  # 1 round of 4 s to 75%
+
+
+def _tune_point(root: Path, norm: str, lr: float, acc: float) -> None:
+    cell = Cell(norm, "iid", 0, lr)
+    cfg = cell_config(RunConfig.from_dict({"num-rounds": 2, "num-clients": 3}), cell, name=cell.tune_name())
+    path = root / "tune" / cell.tune_name()
+    prepare_dir(path, cfg)
+    RunDir(path).write_summary({"status": "finished", "rounds_completed": 2, "elapsed_s": 30.0})
+    write_point(path, TunePoint(norm, "iid", lr, 0, "ok", acc, 1.0, 50, "clients' val splits", path.name))
+
+
+def test_report_tuning_shows_extensions_near_chance_and_cost(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5])
+    for lr, acc in ((0.01, 0.5), (0.02, 0.6), (0.04, 0.7), (0.08, 0.8), (0.16, 0.75)):  # 0.08, 0.16: extensions
+        _tune_point(tmp_path, "kn", lr, acc)
+    for lr, acc in ((0.01, 0.12), (0.02, 0.14), (0.04, 0.11)):  # digits: chance 10%, margin 15%
+        _tune_point(tmp_path, "none", lr, acc)
+    write_meta(tmp_path, {"norms": ["kn", "none"], "partitions": ["iid"], "seeds": [0],
+                          "tuning": {"grid": [0.01, 0.02, 0.04], "rounds": 2, "seed": 0, "on": "all"}})
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| norm | partition | lr 0.01 | lr 0.02 | lr 0.04 | lr 0.08 | lr 0.16 | chosen lr |" in text
+    assert "| **80.0 (1.000)** | 75.0 (1.000) | 0.08 (grid extended to 0.08, 0.16) |" in text
+    assert "| none | iid | 12.0 (1.000) | **14.0 (1.000)** | 11.0 (1.000) | — | — | 0.02 ⚠ near chance: unusable |" in text
+    assert "**Cost**: 8 tuning runs of 2 rounds each, 4m00s of wall time in all" in text
+    groups = {g["norm"]: g for g in json.loads((tmp_path / "tuning.json").read_text())["groups"]}
+    assert groups["kn"]["extended"] == [0.08, 0.16] and not groups["kn"]["near_chance"] and groups["none"]["near_chance"]
+
+
+def test_a_note_in_compare_json_heads_the_report_and_survives_a_rerun(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5])
+    write_meta(tmp_path, {"norms": ["kn"], "note": "**Early-training snapshot**: about 0.8 epoch."})
+    write_meta(tmp_path, {"norms": ["kn"], "partitions": ["iid"]})  # what fedkn compare writes: no note
+    assert read_meta(tmp_path)["note"] == "**Early-training snapshot**: about 0.8 epoch."
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[:3] == ["# Normalization comparison", "", "> **Early-training snapshot**: about 0.8 epoch."]

@@ -98,7 +98,7 @@ def test_lr_tuning_picks_best_validation_score_and_flags_edge(tmp_path: Path) ->
     from fedkn.config import RunConfig
 
     base = RunConfig.from_sources(None, None, TINY[1::2])
-    spec = TuneSpec(grid=(1e-4, 0.05), rounds=1, seed=0, on="all")
+    spec = TuneSpec(grid=(1e-4, 0.05), rounds=1, seed=0, on="all", max_extensions=0)  # extensions: test_compare.py
     choices = tune(base, [("kn", "iid")], spec, tmp_path)
     points = load_points(tmp_path / "tune")
     assert sorted(p.lr for p in points) == [1e-4, 0.05] and all(p.status == "ok" for p in points)

@@ -33,14 +33,22 @@ Tuning (--lr-grid). Before the grid, each norm (on each partition, or on the --t
 partition only) runs every lr of the grid once, on --tune-seed with --tune-rounds rounds, into
 OUT/tune/. Each is scored by its final global model's accuracy on a validation split carved from
 the clients' training data, never the test set; every seed of the grid then runs at the chosen lr.
+A choice at the lowest or highest lr tried extends the grid by one more lr beyond that edge (the
+grid's own log spacing) and chooses again, up to {max_extensions} times (the report flags a choice still at
+an edge). If a norm's best validation accuracy is below {chance_factor:g}x chance (1 / classes), the tuning runs
+were too short to tell the lrs apart: the command stops, saying to raise --tune-rounds (tuning
+runs of another length are run again from scratch).
 
-The report. OUT/report.md: per partition, final and best centralized test accuracy (mean +/- std
-over seeds), clients' federated test accuracy, rounds to --target accuracy, wall time per round,
-parameters and MB sent per round, per norm; the paired difference of kn minus the best other norm
-(same seeds) with a 95% t-interval; the tuning table (every grid point's validation score, the
-chosen lr, choices at the edge of the grid flagged). Also OUT/final_metrics.csv (one row per
-run), accuracy_test.png and accuracy_clients.png (one panel per partition, one line per norm,
-min..max band over seeds) and tuning.png. `fedkn report OUT` rebuilds all of it.
+The report. OUT/report.md: per partition and norm (mean +/- std over seeds), the headline
+accuracy (the mean of the centralized test accuracy over the evaluations in the last 10% of
+rounds; clients' accuracy for fedbn), its gain over the last 20% of rounds (cells still gaining
+more than 1 point flagged), final and best test accuracy, rounds and seconds to --target accuracy,
+clients' federated test accuracy, wall time per round, parameters and MB sent per round; the
+paired difference of kn minus every other norm (same seeds) with 95% t-intervals; the tuning
+table (every lr's validation score, the chosen lr, flags) with the tuning runs' length and cost.
+Also OUT/final_metrics.csv (one row per run), accuracy_test.png / accuracy_clients.png (per
+round) and accuracy_test_seconds.png / accuracy_clients_seconds.png (per wall-clock second), one
+panel per partition, one line per norm, and tuning.png. `fedkn report OUT` rebuilds all of it.
 """
 
 EPILOG = """\
@@ -66,12 +74,16 @@ fixbn-round), nf (normalization-free, FedWon: scaled WS convolutions + AGC), non
 def register(subparsers: Any) -> None:
     from fedkn.compare.grid import DEFAULT_NORMS, DEFAULT_PARTITIONS, DEFAULT_SEEDS
     from fedkn.compare.report import DEFAULT_TARGET
-    from fedkn.compare.tuning import DEFAULT_VAL_FRACTION
+    from fedkn.compare.tuning import (
+        DEFAULT_VAL_FRACTION,
+        MAX_EXTENSIONS,
+        NEAR_CHANCE_FACTOR,
+    )
 
     p = subparsers.add_parser(
         "compare",
         help="run a grid of norms x partitions x seeds (optionally lr-tuned) and write a comparison report",
-        description=DESCRIPTION,
+        description=DESCRIPTION.format(max_extensions=MAX_EXTENSIONS, chance_factor=NEAR_CHANCE_FACTOR),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -199,7 +211,8 @@ def compare_command(args: argparse.Namespace) -> int:
     print(f"output: {out}", flush=True)
     if args.dry_run:
         for norm, part in groups:
-            print(f"  tune {norm} on {part}: lr {', '.join(f'{v:g}' for v in spec.grid)} ({spec.rounds} rounds, seed {spec.seed})")
+            print(f"  tune {norm} on {part}: lr {', '.join(f'{v:g}' for v in spec.grid)} ({spec.rounds} rounds, seed {spec.seed}; "
+                  "more lrs if the choice is at an edge)")
         for c in selected:
             print(f"  cell {c.label()} -> {out / RUNS_DIR / c.name}")
         return 0
@@ -256,10 +269,10 @@ def _try_report(out: Path) -> None:
 
 
 def _print_table(out: Path) -> None:
-    """The final test accuracy per partition and norm, from final_metrics.csv."""
+    """The headline accuracy per partition and norm (and the clients'), from final_metrics.csv."""
     import csv
 
-    from fedkn.compare.report import TIDY_FILE, mean_std, pct_ms
+    from fedkn.compare.report import HEADLINE_SHARE, TIDY_FILE, mean_std, pct_ms
 
     try:
         with open(out / TIDY_FILE, newline="", encoding="utf-8") as f:
@@ -267,12 +280,14 @@ def _print_table(out: Path) -> None:
     except OSError:
         return
     parts = list(dict.fromkeys(r["partition"] for r in rows))
+    if rows:
+        print(f"headline accuracy (mean of the last {100 * HEADLINE_SHARE:.0f}% of the rounds' evaluations; clients' for fedbn):")
     for p in parts:
         norms = list(dict.fromkeys(r["norm"] for r in rows if r["partition"] == p))
         cells = []
         for n in norms:
             mine = [r for r in rows if r["partition"] == p and r["norm"] == n]
-            test = mean_std(float(r["final_test_accuracy"]) for r in mine)
-            fed = mean_std(float(r["final_fed_eval_accuracy"]) for r in mine)
-            cells.append(f"{n} {pct_ms(test)} (clients {pct_ms(fed)})")
+            head = mean_std(float(r["headline_accuracy"]) for r in mine)
+            fed = mean_std(float(r["headline_fed_eval_accuracy"]) for r in mine)
+            cells.append(f"{n} {pct_ms(head)} (clients {pct_ms(fed)})")
         print(f"  {p}: " + " | ".join(cells))

@@ -1,4 +1,5 @@
-"""Comparison plots: accuracy per round (one panel per partition, one line per norm, seed band)."""
+"""Comparison plots: accuracy per round and per wall-clock second (one panel per partition, one
+line per norm, seed band), so a norm that is slower per step shows what that costs."""
 
 from __future__ import annotations
 
@@ -33,22 +34,25 @@ def _plt() -> Any:
     return plt
 
 
-def curves(records: Sequence[Any], norm: str, partition: str, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(rounds, values[seed, round]) of the finished runs of one norm on one partition."""
-    series = []
+def curves(records: Sequence[Any], norm: str, partition: str, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(rounds, values[seed, round], seconds[seed, round]) of the finished runs of one norm on one
+    partition; seconds are the wall time of rounds 1..round (round times summed; round 0 is 0)."""
+    series, clocks = [], []
     for r in records:
         if r.norm != norm or r.partition != partition or not r.finished:
             continue
-        vals = {int(x["round"]): x.get(metric, math.nan) for x in r.rows}
-        series.append(vals)
+        series.append({int(x["round"]): x.get(metric, math.nan) for x in r.rows})
+        spent = [x.get("round_time_s", math.nan) if int(x["round"]) >= 1 else 0.0 for x in r.rows]
+        clocks.append(dict(zip((int(x["round"]) for x in r.rows), np.cumsum(np.nan_to_num(spent)))))
     if not series:
         return None
     rounds = sorted(set.intersection(*(set(s) for s in series)))
     arr = np.array([[s[k] for k in rounds] for s in series], dtype=np.float64)
+    secs = np.array([[c[k] for k in rounds] for c in clocks], dtype=np.float64)
     keep = ~np.all(np.isnan(arr), axis=0)
     if not keep.any():
         return None
-    return np.asarray(rounds)[keep], arr[:, keep]
+    return np.asarray(rounds)[keep], arr[:, keep], secs[:, keep]
 
 
 def plot_accuracy(
@@ -59,8 +63,13 @@ def plot_accuracy(
     *,
     metric: str = "test_accuracy",
     target: float | None = None,
+    x: str = "round",
 ) -> Path | None:
-    """Mean accuracy over seeds per round, with a min-max band over seeds; None if nothing to plot."""
+    """Mean accuracy over seeds per round, with a min-max band over seeds; None if nothing to plot.
+
+    ``x="seconds"`` puts each round at its wall-clock time instead (round times summed, mean over
+    seeds), so norms are compared at equal compute time on this machine.
+    """
     panels = [p for p in partitions if any(r.partition == p and r.finished for r in records)]
     if not panels:
         return None
@@ -74,20 +83,21 @@ def plot_accuracy(
             c = curves(records, n, p, metric)
             if c is None:
                 continue
-            rounds, arr = c
+            rounds, arr, secs = c
             scored = np.isfinite(arr).any(axis=0)  # rounds without evaluation (eval-every > 1) are skipped
             if not scored.any():
                 continue
-            rounds, arr = np.asarray(rounds)[scored], arr[:, scored]
+            arr = arr[:, scored]
+            where = np.asarray(rounds)[scored] if x == "round" else secs[:, scored].mean(axis=0)
             mean = np.nanmean(arr, axis=0)
             color = COLORS.get(n)
-            ax.plot(rounds, mean, label=f"{n} (n={arr.shape[0]})", color=color, lw=1.6)
+            ax.plot(where, mean, label=f"{n} (n={arr.shape[0]})", color=color, lw=1.6)
             if arr.shape[0] > 1:
-                ax.fill_between(rounds, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=color, alpha=0.15, lw=0)
+                ax.fill_between(where, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=color, alpha=0.15, lw=0)
             drew = True
         if target is not None:
             ax.axhline(target, color="k", ls=":", lw=0.8)
-        ax.set(title=p, xlabel="round", ylim=(0, 1))
+        ax.set(title=p, xlabel="round" if x == "round" else "wall-clock seconds (round times summed)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes[:, 0]:
@@ -97,7 +107,8 @@ def plot_accuracy(
     if not drew:
         plt.close(fig)
         return None
-    fig.suptitle(f"{TITLES.get(metric, metric)}: mean over seeds, band = min..max", fontsize=10)
+    per = "per round" if x == "round" else "against wall-clock time (x: mean over seeds)"
+    fig.suptitle(f"{TITLES.get(metric, metric)} {per}: mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

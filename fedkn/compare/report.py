@@ -8,6 +8,15 @@ Accuracy is the **centralized test accuracy** (the global model on the dataset's
 set). FedBN has no global model worth testing (its BatchNorm layers stay on the clients), so its
 centralized columns are empty; the "clients' test" columns (federated evaluation on the clients'
 held-out local splits, every client with its own BatchNorm under FedBN) cover every norm.
+
+The **headline accuracy** orders the norms, not a single round's: under label skew the last round
+alone is noisy (one BN run on dir0.1 ended 13 points below its best). It is the mean of the
+accuracy over the evaluations in the last :data:`HEADLINE_SHARE` of the rounds
+(:func:`headline_window`; at least ``eval-every`` rounds wide, so it holds an evaluation), on the
+test set, or on the clients' splits where there is no centralized accuracy (FedBN). Its **gain**
+is that mean minus the mean over the window of the same width ending :data:`GAIN_SPAN` of the
+rounds earlier (at 80% of them): a cell gaining more than :data:`STILL_GAINING` has not
+converged and is flagged.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,14 @@ META_FILE = "compare.json"
 DEFAULT_TARGET = 0.8
 #: Reference norm of the paired differences.
 REFERENCE_NORM = "kn"
+#: Share of the rounds at the end whose evaluations the headline accuracy averages.
+HEADLINE_SHARE = 0.1
+#: How far back (share of the rounds) the gain compares the headline window with.
+GAIN_SPAN = 0.2
+#: A mean gain above this (1 accuracy point) flags a cell as still gaining.
+STILL_GAINING = 0.01
+#: Fewer evaluations than this in a headline window is called out (raise the evaluation frequency).
+MIN_WINDOW_EVALS = 3
 
 TIDY_COLUMNS: tuple[str, ...] = (
     "norm",
@@ -40,15 +57,24 @@ TIDY_COLUMNS: tuple[str, ...] = (
     "dp_epsilon",
     "status",
     "rounds",
+    "headline_accuracy",
+    "headline_metric",
+    "headline_rounds",
+    "headline_evals",
+    "gain_last20",
+    "headline_test_accuracy",
+    "headline_fed_eval_accuracy",
     "final_test_accuracy",
     "best_test_accuracy",
     "best_test_round",
     "final_test_loss",
     "rounds_to_target",
+    "seconds_to_target",
     "final_fed_eval_accuracy",
     "best_fed_eval_accuracy",
     "final_fed_eval_loss",
     "rounds_to_target_fed",
+    "seconds_to_target_fed",
     "final_train_loss",
     "median_round_time_s",
     "elapsed_s",
@@ -85,6 +111,43 @@ def rounds_to_target(rows: Sequence[Mapping[str, Any]], target: float, key: str 
     return None
 
 
+def headline_window(num_rounds: int, eval_every: int = 1, *, end: int | None = None) -> tuple[int, int]:
+    """(first, last) round of the window the headline averages: the last ``ceil(HEADLINE_SHARE *
+    num_rounds)`` rounds up to ``end`` (default: the last round), widened to ``eval_every`` rounds
+    so that it holds an evaluation of the test set; never round 0 (the untrained model)."""
+    width = max(math.ceil(HEADLINE_SHARE * num_rounds - 1e-9), eval_every, 1)
+    last = num_rounds if end is None else end
+    return max(1, last - width + 1), last
+
+
+def gain_window(num_rounds: int, eval_every: int = 1) -> tuple[int, int]:
+    """The headline window's width, ending ``ceil(GAIN_SPAN * num_rounds)`` rounds before the last."""
+    first, last = headline_window(num_rounds, eval_every)
+    end = num_rounds - math.ceil(GAIN_SPAN * num_rounds - 1e-9)
+    return max(1, end - (last - first)), end
+
+
+def window_mean(rows: Sequence[Mapping[str, Any]], key: str, window: tuple[int, int]) -> tuple[float, int]:
+    """(mean, count) of ``key`` over the rows of the rounds in ``window`` that evaluated it."""
+    v = finite(r.get(key) for r in rows if window[0] <= int(r["round"]) <= window[1])
+    return (float(np.mean(v)) if v else math.nan), len(v)
+
+
+def headline(rows: Sequence[Mapping[str, Any]], key: str, num_rounds: int, eval_every: int = 1) -> tuple[float, int, float]:
+    """(headline accuracy, evaluations it averages, gain over the last GAIN_SPAN of the rounds)."""
+    value, evals = window_mean(rows, key, headline_window(num_rounds, eval_every))
+    before, _ = window_mean(rows, key, gain_window(num_rounds, eval_every))
+    return value, evals, value - before
+
+
+def seconds_to(rows: Sequence[Mapping[str, Any]], round_: int | None) -> float | None:
+    """Wall seconds of rounds 1..``round_`` (their ``round_time_s``, training + evaluation, summed;
+    Ray's start-up and round 0's evaluation of the untrained model left out); None for None."""
+    if round_ is None:
+        return None
+    return float(sum(finite(r.get("round_time_s") for r in rows if 1 <= int(r["round"]) <= round_)))
+
+
 def t_interval(diffs: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, int]:
     """(mean, low, high, n): the t-interval of the mean of paired differences (nan below n = 2)."""
     d = finite(diffs)
@@ -117,6 +180,7 @@ class RunRecord:
     summary: dict[str, Any]
     path: Path
     num_rounds: int
+    eval_every: int = 1
     figures: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,7 +207,7 @@ def load_run(path: Path, target: float) -> RunRecord | None:
     status = str(summary.get("status", "missing"))
     if status == "finished" and int(summary.get("rounds_completed") or 0) < cfg.num_rounds:
         status = "partial"
-    rec = RunRecord(norm_label(cfg), cfg.partition, cfg.seed, cfg.lr, status, rows, summary, path, cfg.num_rounds)
+    rec = RunRecord(norm_label(cfg), cfg.partition, cfg.seed, cfg.lr, status, rows, summary, path, cfg.num_rounds, cfg.eval_every)
     trained = [r for r in rows if int(r["round"]) >= 1]
     last = rows[-1] if rows else {}
 
@@ -158,17 +222,31 @@ def load_run(path: Path, target: float) -> RunRecord | None:
     best_fed, _ = best("fed_eval_accuracy")
     times = finite(r.get("round_time_s") for r in trained)  # median: round 1 also starts the client workers
     sent = [r.get("bytes_sent", 0) for r in trained]
+    head_test, evals_test, gain_test = headline(rows, "test_accuracy", cfg.num_rounds, cfg.eval_every)
+    head_fed, evals_fed, gain_fed = headline(rows, "fed_eval_accuracy", cfg.num_rounds, cfg.eval_every)
+    central = math.isfinite(head_test)  # else FedBN (no global model): the clients' accuracy
+    to_target, to_target_fed = rounds_to_target(rows, target, "test_accuracy"), rounds_to_target(rows, target, "fed_eval_accuracy")
+    first, last_round = headline_window(cfg.num_rounds, cfg.eval_every)
     rec.figures = {
         "rounds": int(last.get("round", 0)),
+        "headline_accuracy": head_test if central else head_fed,
+        "headline_metric": "test_accuracy" if central else "fed_eval_accuracy",
+        "headline_rounds": f"{first}-{last_round}",
+        "headline_evals": evals_test if central else evals_fed,
+        "gain_last20": gain_test if central else gain_fed,
+        "headline_test_accuracy": head_test,
+        "headline_fed_eval_accuracy": head_fed,
         "final_test_accuracy": last.get("test_accuracy", math.nan),
         "best_test_accuracy": best_test,
         "best_test_round": best_round,
         "final_test_loss": last.get("test_loss", math.nan),
-        "rounds_to_target": rounds_to_target(rows, target, "test_accuracy"),
+        "rounds_to_target": to_target,
+        "seconds_to_target": seconds_to(rows, to_target),
         "final_fed_eval_accuracy": last.get("fed_eval_accuracy", math.nan),
         "best_fed_eval_accuracy": best_fed,
         "final_fed_eval_loss": last.get("fed_eval_loss", math.nan),
-        "rounds_to_target_fed": rounds_to_target(rows, target, "fed_eval_accuracy"),
+        "rounds_to_target_fed": to_target_fed,
+        "seconds_to_target_fed": seconds_to(rows, to_target_fed),
         "final_train_loss": last.get("train_loss", math.nan),
         "median_round_time_s": float(np.median(times)) if times else math.nan,
         "elapsed_s": last.get("elapsed_s", math.nan),
@@ -231,11 +309,16 @@ class Row:
     partition: str
     seeds: list[int]
     lrs: list[float]
+    #: Headline accuracy (test; the clients' where ``clients_headline``), its gain, fewest evaluations.
+    headline: tuple[float, float, int]
+    clients_headline: bool
+    gain: float
+    evals: int
     final: tuple[float, float, int]
     best: tuple[float, float, int]
     to_target: list[int | None]
-    fed_final: tuple[float, float, int]
-    fed_best: tuple[float, float, int]
+    seconds_to_target: list[float | None]
+    fed_headline: tuple[float, float, int]
     fed_to_target: list[int | None]
     round_time: float
     params: int | None
@@ -262,11 +345,15 @@ def aggregate(records: Sequence[RunRecord], norms: Sequence[str], partitions: Se
                     partition=p,
                     seeds=[r.seed for r in mine],
                     lrs=sorted({r.lr for r in mine}),
+                    headline=mean_std(x["headline_accuracy"] for x in f),
+                    clients_headline=any(x["headline_metric"] != "test_accuracy" for x in f),
+                    gain=float(np.mean(g)) if (g := finite(x["gain_last20"] for x in f)) else math.nan,
+                    evals=min(x["headline_evals"] for x in f),
                     final=mean_std(x["final_test_accuracy"] for x in f),
                     best=mean_std(x["best_test_accuracy"] for x in f),
                     to_target=[x["rounds_to_target"] for x in f],
-                    fed_final=mean_std(x["final_fed_eval_accuracy"] for x in f),
-                    fed_best=mean_std(x["best_fed_eval_accuracy"] for x in f),
+                    seconds_to_target=[x["seconds_to_target"] for x in f],
+                    fed_headline=mean_std(x["headline_fed_eval_accuracy"] for x in f),
                     fed_to_target=[x["rounds_to_target_fed"] for x in f],
                     round_time=float(np.mean(times)) if times else math.nan,
                     params=int(params) if params else None,
@@ -280,8 +367,8 @@ def aggregate(records: Sequence[RunRecord], norms: Sequence[str], partitions: Se
 @dataclass
 class Paired:
     partition: str
-    metric: str
-    other: str  # the best other norm (highest mean of the metric among the other norms)
+    metric: str  # the figure compared: headline_test_accuracy, or headline_fed_eval_accuracy where the other has no test figure
+    other: str
     seeds: list[int]
     diffs: list[float]
     mean: float
@@ -289,38 +376,37 @@ class Paired:
     high: float
 
 
-def paired_difference(
-    records: Sequence[RunRecord], partition: str, metric: str, reference: str = REFERENCE_NORM
-) -> Paired | None:
-    """``reference`` minus the best other norm on ``metric`` (final figures), paired by seed.
+#: The figures a paired difference compares, in order of preference.
+PAIRED_METRICS: tuple[str, ...] = ("headline_test_accuracy", "headline_fed_eval_accuracy")
 
-    The best other norm is the one with the highest mean over the seeds both have; the interval
-    is the 95% t-interval of the per-seed differences.
+
+def paired_differences(records: Sequence[RunRecord], partition: str, reference: str = REFERENCE_NORM) -> list[Paired]:
+    """``reference`` minus every other norm on the headline accuracy, paired by seed.
+
+    Seeds pair runs with the same partition, initialization and client sampling. The figure is
+    the headline test accuracy where both norms have it for their common seeds, else (FedBN) the
+    headline of the clients' accuracy for both. The interval is the 95% t-interval of the per-seed
+    differences. Norms in record order; one without a common seed is left out.
     """
-    by_norm: dict[str, dict[int, float]] = {}
+    values: dict[str, dict[str, dict[int, float]]] = {m: {} for m in PAIRED_METRICS}
     for r in records:
-        if r.partition != partition or not r.finished:
-            continue
-        v = r.figures.get(metric)
-        if v is not None and math.isfinite(v):
-            by_norm.setdefault(r.norm, {})[r.seed] = float(v)
-    ref = by_norm.pop(reference, None)
-    if not ref or not by_norm:
-        return None
-    best_other, best_mean = None, -math.inf
-    for n, vals in sorted(by_norm.items()):
-        common = sorted(set(vals) & set(ref))
-        if not common:
-            continue
-        m = float(np.mean([vals[s] for s in common]))
-        if m > best_mean:
-            best_other, best_mean = n, m
-    if best_other is None:
-        return None
-    seeds = sorted(set(by_norm[best_other]) & set(ref))
-    diffs = [ref[s] - by_norm[best_other][s] for s in seeds]
-    m, lo, hi, _ = t_interval(diffs)
-    return Paired(partition, metric, best_other, seeds, diffs, m, lo, hi)
+        if r.partition == partition and r.finished:
+            for m in PAIRED_METRICS:
+                v = r.figures.get(m)
+                if v is not None and math.isfinite(v):
+                    values[m].setdefault(r.norm, {})[r.seed] = float(v)
+    others = dict.fromkeys(r.norm for r in records if r.partition == partition and r.finished and r.norm != reference)
+    out = []
+    for n in others:
+        for m in PAIRED_METRICS:
+            ref, other = values[m].get(reference, {}), values[m].get(n, {})
+            seeds = sorted(set(ref) & set(other))
+            if seeds:
+                diffs = [ref[s] - other[s] for s in seeds]
+                mean, lo, hi, _ = t_interval(diffs)
+                out.append(Paired(partition, m, n, seeds, diffs, mean, lo, hi))
+                break
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,15 +421,20 @@ def pct_ms(ms: tuple[float, float, int]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}" if math.isfinite(s) else f"{100 * m:.1f}"
 
 
-def fmt_target(values: Sequence[int | None]) -> str:
+def _fmt_reached(values: Sequence[float | None], show: Callable[[list[float]], str]) -> str:
+    """``show`` of the seeds that reached the target, with how many did when not all."""
     hit = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if not hit:
         return f"never (0/{len(values)})"
-    m = float(np.mean(hit))
-    text = f"{m:.1f}" if len(hit) > 1 else f"{hit[0]}"
+    text = show(hit)
     return text if len(hit) == len(values) else f"{text} ({len(hit)}/{len(values)} seeds)"
+
+
+def fmt_target(values: Sequence[int | None]) -> str:
+    """Mean rounds to the target over the seeds that reached it."""
+    return _fmt_reached(values, lambda hit: f"{float(np.mean(hit)):.1f}" if len(hit) > 1 else f"{hit[0]}")
 
 
 def fmt_lr(lrs: Sequence[float]) -> str:
@@ -358,6 +449,16 @@ def fmt_signed_pct(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{100 * v:+.1f}"
 
 
+def fmt_gain(v: float) -> str:
+    """Points gained over the last GAIN_SPAN of the rounds, ↑ when still gaining."""
+    return fmt_signed_pct(v) + (" ↑" if math.isfinite(v) and v > STILL_GAINING else "")
+
+
+def fmt_seconds(values: Sequence[float | None]) -> str:
+    """Mean seconds to the target over the seeds that reached it."""
+    return _fmt_reached(values, lambda hit: f"{float(np.mean(hit)):.0f}")
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -368,22 +469,23 @@ def _ordering_notes(rows: Sequence[Row], partitions: Sequence[str]) -> list[str]
     """Mechanical checks of the papers' expected ordering, from the means (see report text)."""
     notes = []
 
-    def mean(p: str, n: str, fed: bool = False) -> float:
+    def mean(p: str, n: str) -> float:
         for r in rows:
-            if r.partition == p and r.norm == n:
-                return (r.fed_final if fed else r.final)[0]
+            if r.partition == p and r.norm == n and not r.clients_headline:
+                return r.headline[0]
         return math.nan
 
     for p in partitions:
-        ranked = sorted((r for r in rows if r.partition == p and math.isfinite(r.fed_final[0])), key=lambda r: -r.fed_final[0])
-        central = sorted((r for r in rows if r.partition == p and math.isfinite(r.final[0])), key=lambda r: -r.final[0])
+        ranked = sorted((r for r in rows if r.partition == p and math.isfinite(r.fed_headline[0])), key=lambda r: -r.fed_headline[0])
+        central = sorted((r for r in rows if r.partition == p and not r.clients_headline and math.isfinite(r.headline[0])),
+                         key=lambda r: -r.headline[0])
         if not central and not ranked:
             continue
         parts = []
         if central:
-            parts.append("test acc: " + " > ".join(f"{r.norm} {100 * r.final[0]:.1f}" for r in central))
+            parts.append("headline test acc: " + " > ".join(f"{r.norm} {100 * r.headline[0]:.1f}" for r in central))
         if ranked:
-            parts.append("clients' test acc: " + " > ".join(f"{r.norm} {100 * r.fed_final[0]:.1f}" for r in ranked))
+            parts.append("clients' headline acc: " + " > ".join(f"{r.norm} {100 * r.fed_headline[0]:.1f}" for r in ranked))
         checks = []
         kn, gn, ln, none, bn = (mean(p, n) for n in ("kn", "gn", "ln", "none", "bn"))
         if all(math.isfinite(x) for x in (kn, gn, ln)):
@@ -431,6 +533,8 @@ def build_markdown(
     base = meta.get("base_config") or (finished[0].summary.get("config") if finished else {}) or {}
 
     out: list[str] = ["# Normalization comparison", ""]
+    if meta.get("note"):
+        out += [f"> {line}".rstrip() for line in str(meta["note"]).splitlines()] + [""]
     if meta.get("command"):
         out += ["Produced by:", "", "```bash", str(meta["command"]), "```", ""]
     if base:
@@ -447,11 +551,19 @@ def build_markdown(
         f"Runs: {len(finished)} finished" + (f", {len(unfinished)} unfinished (not in the tables)" if unfinished else "")
         + f"; seeds {', '.join(map(str, seeds)) or 'none'}. Accuracies in %, mean ± std over seeds (sample std).",
         "",
-        "- **test acc**: global model on the global test set (centralized), after the last round / best round. "
-        "FedBN has no usable global model (BatchNorm stays on the clients): n/a.",
-        "- **clients' test acc**: federated evaluation on the clients' held-out local splits "
-        "(each client with its own BatchNorm under FedBN), after the last round.",
-        f"- **rounds to {100 * target:.0f}%**: first round reaching the target, mean over the seeds that reached it"
+        "- **headline acc** (orders the norms): the mean of the global model's accuracy on the global test set "
+        f"(centralized) over its evaluations in the last {100 * HEADLINE_SHARE:.0f}% of the rounds ("
+        + _windows(finished, headline_window) + "; see Convergence); † = the same mean of the clients' test "
+        "accuracy, for FedBN, which has no usable global model (BatchNorm stays on the clients).",
+        f"- **gain**: the headline minus the same mean over the window of the same width ending "
+        f"{100 * GAIN_SPAN:.0f}% of the rounds earlier (" + _windows(finished, gain_window) + "), in points, mean over "
+        f"seeds; ↑ = still gaining more than {100 * STILL_GAINING:.0f} point: not converged.",
+        "- **final / best test acc**: global test set after the last round / at the best round; n/a for FedBN.",
+        "- **clients' headline acc**: the headline mean of the federated evaluation on the clients' held-out local "
+        "splits (each client with its own BatchNorm under FedBN).",
+        f"- **rounds / s to {100 * target:.0f}%**: first round reaching the target and the wall seconds of rounds 1 "
+        "to it (their round times summed: training + evaluation, without Ray's start-up and round 0), mean over "
+        "the seeds that reached it"
         + (f" (the global test set is scored every {every} rounds, so the test column counts in steps of {every}; "
            "the clients' column is scored every round)." if (every := int(base.get("eval-every", 1) or 1)) > 1 else "."),
         "- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
@@ -471,13 +583,16 @@ def build_markdown(
             continue
         out += [f"## {p}", ""]
         out += _table(
-            ["norm", "lr", "final test acc", "best test acc", f"rounds to {100 * target:.0f}%",
-             "final clients' test acc", f"rounds to {100 * target:.0f}% (clients)", "s/round", "params", "MB/round", "seeds"]
+            ["norm", "lr", "headline acc", "gain", "final test acc", "best test acc", f"rounds to {100 * target:.0f}%",
+             f"s to {100 * target:.0f}%", "clients' headline acc", f"rounds to {100 * target:.0f}% (clients)", "s/round",
+             "params", "MB/round", "seeds"]
             + (["ε"] if private else []),
             [
-                [f"**{r.norm}**" if r.norm == REFERENCE_NORM else r.norm, fmt_lr(r.lrs), pct_ms(r.final), pct_ms(r.best),
+                [f"**{r.norm}**" if r.norm == REFERENCE_NORM else r.norm, fmt_lr(r.lrs),
+                 pct_ms(r.headline) + (" †" if r.clients_headline else ""), fmt_gain(r.gain), pct_ms(r.final), pct_ms(r.best),
                  fmt_target(r.to_target) if math.isfinite(r.final[0]) else "n/a",
-                 pct_ms(r.fed_final), fmt_target(r.fed_to_target),
+                 fmt_seconds(r.seconds_to_target) if math.isfinite(r.final[0]) else "n/a",
+                 pct_ms(r.fed_headline), fmt_target(r.fed_to_target),
                  f"{r.round_time:.1f}" if math.isfinite(r.round_time) else "n/a",
                  f"{r.params:,}" if r.params else "n/a", fmt_bytes(r.bytes_per_round), str(len(r.seeds))]
                 + ([f"{r.epsilon:.2f}" if math.isfinite(r.epsilon) else "∞ (non-private)"] if private else [])
@@ -486,22 +601,21 @@ def build_markdown(
         )
         out.append("")
 
-    # paired differences
+    out += _convergence_markdown(rows, finished, partitions)
+
     paired_lines = []
     for p in partitions:
-        for metric, label in (("final_test_accuracy", "final test acc"), ("best_test_accuracy", "best test acc"),
-                              ("final_fed_eval_accuracy", "final clients' test acc")):
-            pd = paired_difference(records, p, metric)
-            if pd is None:
-                continue
+        for pd in paired_differences(records, p):
             ci = f"[{fmt_signed_pct(pd.low)}, {fmt_signed_pct(pd.high)}]" if math.isfinite(pd.low) else "n/a (1 seed)"
             per_seed = ", ".join(f"s{s}: {fmt_signed_pct(d)}" for s, d in zip(pd.seeds, pd.diffs))
-            paired_lines.append([p, label, pd.other, fmt_signed_pct(pd.mean), ci, str(len(pd.seeds)), per_seed])
+            what = "headline test acc" if pd.metric == "headline_test_accuracy" else "clients' headline acc"
+            paired_lines.append([p, pd.other, what, fmt_signed_pct(pd.mean), ci, str(len(pd.seeds)), per_seed])
     if paired_lines:
-        out += [f"## Paired difference: {REFERENCE_NORM} minus the best other norm", "",
-                "Per seed (same partition, same initialization seed, same client sampling), in accuracy points; "
-                "the best other norm is the one with the highest mean. 95% t-interval over seeds.", ""]
-        out += _table(["partition", "metric", "best other", "mean diff", "95% CI", "seeds", "per seed"], paired_lines)
+        out += [f"## Paired differences: {REFERENCE_NORM} minus every other norm", "",
+                "On the headline accuracy, per seed (same partition, same initialization seed, same client sampling), "
+                "in accuracy points, with the 95% t-interval over seeds; against FedBN on the clients' headline "
+                "accuracy of both (FedBN has no test figure). An interval that holds 0 does not separate the two.", ""]
+        out += _table(["partition", "other norm", "metric", "mean diff", "95% CI", "seeds", "per seed"], paired_lines)
         out.append("")
 
     notes = _ordering_notes(rows, partitions)
@@ -511,7 +625,7 @@ def build_markdown(
         out += notes + [""]
 
     if tuning:
-        out += _tuning_markdown(tuning)
+        out += _tuning_markdown(tuning, sum(finite(r.figures["elapsed_s"] for r in finished)))
 
     if plots:
         out += ["## Plots", ""]
@@ -525,6 +639,34 @@ def build_markdown(
         out += [f"- {r.path.name}: {r.status} ({len([x for x in r.rows if x['round'] >= 1])}/{r.num_rounds} rounds)" for r in unfinished]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _windows(records: Sequence[RunRecord], window: Any) -> str:
+    """The rounds ``window(num_rounds, eval_every)`` spans, for each setting the runs have."""
+    spans = dict.fromkeys(window(r.num_rounds, r.eval_every) for r in records)
+    return ", ".join(f"rounds {a}-{b}" for a, b in spans) or "no finished run"
+
+
+def _convergence_markdown(rows: Sequence[Row], records: Sequence[RunRecord], partitions: Sequence[str]) -> list[str]:
+    """The headline's window, too few evaluations in it, and the cells still gaining."""
+    if not rows:
+        return []
+    out = ["## Convergence", "",
+           f"Headline window: {_windows(records, headline_window)} (the last {100 * HEADLINE_SHARE:.0f}% of the rounds, "
+           "at least eval-every rounds wide); gain: headline minus the mean over "
+           f"{_windows(records, gain_window)} (the same width, ending {100 * GAIN_SPAN:.0f}% of the rounds earlier).", ""]
+    few = [r for r in records if r.figures["headline_evals"] < MIN_WINDOW_EVALS]
+    if few:
+        counts = ", ".join(str(n) for n in sorted({r.figures["headline_evals"] for r in few}))
+        out += [f"⚠ In {len(few)} of {len(records)} runs the headline window holds fewer than {MIN_WINDOW_EVALS} "
+                f"evaluations ({counts}): the headline is close to a single round's accuracy. Evaluate more often "
+                f"(a smaller eval-every) so that it averages at least {MIN_WINDOW_EVALS}.", ""]
+    gaining = {p: [r for r in rows if r.partition == p and r.gain > STILL_GAINING] for p in partitions}
+    listed = "; ".join(f"{p}: " + ", ".join(f"{r.norm} ({fmt_signed_pct(r.gain)})" for r in g) for p, g in gaining.items() if g)
+    out += [f"↑ Still gaining more than {100 * STILL_GAINING:.0f} point over the last {100 * GAIN_SPAN:.0f}% of the "
+            f"rounds (mean over seeds), so not converged: {listed}." if listed else
+            f"No cell gains more than {100 * STILL_GAINING:.0f} point over the last {100 * GAIN_SPAN:.0f}% of the rounds.", ""]
+    return out
 
 
 def _rerun_markdown(command: str, example: RunRecord, tuned: bool) -> list[str]:
@@ -548,7 +690,10 @@ def _rerun_markdown(command: str, example: RunRecord, tuned: bool) -> list[str]:
     return lines
 
 
-def _tuning_markdown(tuning: Mapping[str, Any]) -> list[str]:
+def _tuning_markdown(tuning: Mapping[str, Any], cells_seconds: float) -> list[str]:
+    from fedkn.compare.grid import fmt_duration
+    from fedkn.compare.tuning import MAX_EXTENSIONS, NEAR_CHANCE_FACTOR
+
     groups = tuning.get("groups", [])
     if not groups:
         return []
@@ -556,30 +701,48 @@ def _tuning_markdown(tuning: Mapping[str, Any]) -> list[str]:
     on = tuning.get("on", "all")
     scope = ("each norm on each partition" if on == "all"
              else f"each norm on partition {on}; the chosen lr is used on every partition")
+    cost = tuning.get("cost") or {}
+    rounds = ", ".join(str(r) for r in cost.get("rounds", [])) or str(tuning.get("rounds"))
+    chance = tuning.get("chance", math.nan)
     out = ["## Learning-rate tuning", "",
-           f"Grid {', '.join(f'{v:g}' for v in grid)}; tuned {scope}; seed {tuning.get('seed')}, "
-           f"{tuning.get('rounds')} rounds; scored by the final global model's accuracy on the "
-           f"{tuning.get('val_source') or 'validation split'} (carved from the clients' training data, never the test set). "
-           "Ties go to the lower validation loss. ⚠ marks a choice at the edge of the grid. (The server app "
-           "evaluates every round on the test set, so tuning runs' metrics.csv hold test columns too; the choice "
-           "reads only val_score.json.)", ""]
-    header = ["norm", "partition", *[f"lr {v:g}" for v in grid], "chosen lr"]
+           f"Grid {', '.join(f'{v:g}' for v in grid)}; tuned {scope}; seed {tuning.get('seed')}; scored by the final "
+           f"global model's accuracy on the {tuning.get('val_source') or 'validation split'} (carved from the clients' "
+           "training data, never the test set). Ties go to the lower validation loss. A choice at the lowest or highest "
+           f"lr tried extends the grid by one lr beyond it (the grid's log spacing), up to {MAX_EXTENSIONS} times; "
+           "⚠ marks a choice still at an edge. "
+           + (f"⚠ near chance: the best score is below {NEAR_CHANCE_FACTOR:g}x chance ({100 * NEAR_CHANCE_FACTOR * chance:.1f}%), "
+              "so the lrs were not told apart and the choice is unusable (fedkn compare now stops there and asks for "
+              "longer tuning runs). " if any(g.get("near_chance") for g in groups) else "")
+           + "(The server app evaluates the test set at round 0 and the end of tuning runs too; the choice reads "
+           "only val_score.json.)", "",
+           f"**Cost**: {cost.get('runs', 0)} tuning runs of {rounds} rounds each, "
+           f"{fmt_duration(cost.get('seconds', 0.0))} of wall time in all"
+           + (f" ({cost['timed']} of them timed)" if cost.get("timed", 0) != cost.get("runs", 0) else "")
+           + f" (the sum of their elapsed_s), against {fmt_duration(cells_seconds)} for the grid's finished cells.", ""]
+    lrs = sorted({float(p["lr"]) for g in groups for p in g["points"]} | {float(v) for v in grid})
+    header = ["norm", "partition", *[f"lr {v:g}" for v in lrs], "chosen lr"]
     lines = []
     for g in groups:
         scores = {float(p["lr"]): p for p in g["points"]}
         cells = []
-        for v in grid:
-            p = scores.get(float(v))
+        for v in lrs:
+            p = scores.get(v)
             if p is None:
                 cells.append("—")
             elif p["status"] != "ok":
                 cells.append("diverged")
             else:
                 text = f"{100 * p['val_accuracy']:.1f} ({p['val_loss']:.3f})"
-                cells.append(f"**{text}**" if float(v) == float(g["lr"]) else text)
-        chosen = f"{g['lr']:g}" + (f" ⚠ {g['edge']} edge" if g.get("edge") else "")
-        lines.append([g["norm"], g["partition"], *cells, chosen])
-    out += ["Validation accuracy % (loss) per grid point:", ""]
+                cells.append(f"**{text}**" if v == float(g["lr"]) else text)
+        flags = []
+        if g.get("edge"):
+            flags.append(f"⚠ {g['edge']} edge" + (f" after {len(g['extended'])} extensions" if g.get("capped") else ""))
+        elif g.get("extended"):
+            flags.append(f"(grid extended to {', '.join(f'{v:g}' for v in g['extended'])})")
+        if g.get("near_chance"):
+            flags.append("⚠ near chance: unusable")
+        lines.append([g["norm"], g["partition"], *cells, " ".join([f"{g['lr']:g}", *flags])])
+    out += ["Validation accuracy % (loss) per lr tried:", ""]
     out += _table(header, lines)
     out.append("")
     return out
@@ -598,20 +761,41 @@ def read_meta(out: Path) -> dict[str, Any]:
 
 
 def write_meta(out: Path, meta: Mapping[str, Any]) -> None:
-    (out / META_FILE).write_text(json.dumps(dict(meta), indent=2) + "\n", encoding="utf-8")
+    """Write ``compare.json``, keeping the ``note`` an earlier one holds (a label put at the top of
+    the report by hand, e.g. "early-training snapshot"), so re-running the command keeps it."""
+    values = dict(meta)
+    note = read_meta(out).get("note")
+    if note and "note" not in values:
+        values["note"] = note
+    (out / META_FILE).write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
 
 
 def tuning_summary(out: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The tuning section's data, rebuilt from ``tune/*/val_score.json``."""
+    """The tuning section's data, rebuilt from ``tune/*``: the choices (replayed as ``fedkn compare``
+    makes them, extensions past an edge included), near-chance groups, and the runs' length and cost."""
     from fedkn.compare.grid import TUNE_DIR
-    from fedkn.compare.tuning import choose, load_points
+    from fedkn.compare.tuning import (
+        chance_level,
+        grid_step,
+        load_points,
+        near_chance,
+        planned_rounds,
+        run_seconds,
+        search,
+    )
+    from fedkn.results import RunDir
 
-    points = load_points(out / TUNE_DIR)
+    tune_dir = out / TUNE_DIR
+    points = load_points(tune_dir)
     if not points:
         return None
     tmeta = meta.get("tuning") or {}
     grid = [float(v) for v in tmeta.get("grid") or sorted({p.lr for p in points})]
     seed = tmeta.get("seed", points[0].seed)
+    try:
+        chance = chance_level(RunDir(tune_dir / points[0].run).read_config())
+    except FedknError:  # the dataset is not on this machine: the near-chance check is left out
+        chance = math.nan
     groups = []
     keys = list(dict.fromkeys((p.norm, p.partition) for p in points))
     norms = list(meta.get("norms") or [])
@@ -619,20 +803,26 @@ def tuning_summary(out: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
     keys.sort(key=lambda k: (parts.index(k[1]) if k[1] in parts else len(parts), k[1],
                              norms.index(k[0]) if k[0] in norms else len(norms)))
     for norm, partition in keys:
-        mine = [p for p in points if p.norm == norm and p.partition == partition and p.seed == seed and p.lr in grid]
-        if not mine:
+        mine = {p.lr: p for p in points if p.norm == norm and p.partition == partition and p.seed == seed}
+        tried = [v for v in grid if v in mine]  # edges are those of the lrs this group tried (a grid may be widened later)
+        if not tried:
             continue
-        try:  # edges are those of the lrs this group tried: groups added later may have a wider grid
-            c = choose(mine)
+        try:
+            c = search(tried, mine.get, step=grid_step(grid))
         except FedknError:
             groups.append({"norm": norm, "partition": partition, "lr": math.nan, "edge": "all diverged",
-                           "points": [p.to_json() for p in mine]})
+                           "points": [mine[v].to_json() for v in tried]})
             continue
-        groups.append({"norm": norm, "partition": partition, "lr": c.lr, "edge": c.edge,
+        groups.append({"norm": norm, "partition": partition, "lr": c.lr, "edge": c.edge, "extended": list(c.extended),
+                       "capped": c.capped, "near_chance": math.isfinite(chance) and near_chance(c, chance),
                        "points": [p.to_json() for p in c.points]})
     sources = sorted({p.val_source for p in points if p.val_source})
+    runs = [tune_dir / p.run for p in points]
+    seconds = finite(run_seconds(d) for d in runs)
     return {"grid": grid, "seed": seed, "rounds": tmeta.get("rounds"), "on": tmeta.get("on", "all"),
-            "val_source": " / ".join(sources), "groups": groups}
+            "val_source": " / ".join(sources), "chance": chance, "groups": groups,
+            "cost": {"runs": len(runs), "rounds": sorted({r for d in runs if (r := planned_rounds(d)) is not None}),
+                     "seconds": float(sum(seconds)), "timed": len(seconds)}}
 
 
 def build_report(out: str | Path, *, target: float | None = None, plots: bool = True) -> Path:
@@ -668,10 +858,11 @@ def build_report(out: str | Path, *, target: float | None = None, plots: bool = 
 
         norms = list(meta.get("norms") or dict.fromkeys(r.norm for r in records))
         partitions = list(meta.get("partitions") or dict.fromkeys(r.partition for r in records))
-        for metric, name in (("test_accuracy", "accuracy_test.png"), ("fed_eval_accuracy", "accuracy_clients.png")):
-            p = plot_accuracy(records, norms, partitions, root / name, metric=metric, target=target)
-            if p is not None:
-                pngs.append(name)
+        for metric, stem in (("test_accuracy", "accuracy_test"), ("fed_eval_accuracy", "accuracy_clients")):
+            for x, suffix in (("round", ""), ("seconds", "_seconds")):
+                name = f"{stem}{suffix}.png"
+                if plot_accuracy(records, norms, partitions, root / name, metric=metric, target=target, x=x) is not None:
+                    pngs.append(name)
         if tuning and plot_tuning(tuning, root / "tuning.png") is not None:
             pngs.append("tuning.png")
     text = build_markdown(records, meta=meta, target=target, tuning=tuning, plots=pngs)

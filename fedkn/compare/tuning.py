@@ -147,10 +147,7 @@ class Choice:
     def at_edge(self) -> bool:
         return bool(self.edge)
 
-    @property
-    def capped(self) -> bool:
-        """Still at an edge after the most extensions :func:`search` may add."""
-        return self.at_edge and len(self.extended) >= MAX_EXTENSIONS
+    capped: bool = False  # still at an edge after the most extensions search() was allowed
 
     @property
     def best(self) -> TunePoint:
@@ -216,7 +213,7 @@ def search(
         extended.append(lr)
         points.append(point)
         choice = choose(points)
-    return replace(choice, extended=tuple(extended))
+    return replace(choice, extended=tuple(extended), capped=choice.at_edge and len(extended) >= max_extensions)
 
 
 def chance_level(cfg: RunConfig) -> float:
@@ -350,6 +347,7 @@ class TuneSpec:
     seed: int
     on: str  # "all": tune each (norm, partition); else a partition every norm is tuned on
     val_fraction: float = DEFAULT_VAL_FRACTION
+    max_extensions: int = MAX_EXTENSIONS  # lrs :func:`search` may add past an edge per group (0: flag only)
 
     def group_partition(self, partition: str) -> str:
         """The partition whose tuning decides the lr of cells on ``partition``."""
@@ -418,7 +416,7 @@ def tune(
                 run([j])
             return read_point(tune_root / Cell(norm, partition, spec.seed, lr).tune_name())
 
-        choice = search(spec.grid, score)
+        choice = search(spec.grid, score, max_extensions=spec.max_extensions)
         choices[(norm, partition)] = choice
         flag = f"  (still at the {choice.edge} edge after {len(choice.extended)} extensions)" if choice.edge else ""
         scores = ", ".join(f"{p.lr:g}: {'diverged' if p.status != 'ok' else f'{100 * p.val_accuracy:.1f}%'}" for p in choice.points)
