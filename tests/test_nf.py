@@ -71,6 +71,8 @@ def test_nf_has_no_normalization_layer_and_no_stand_alone_layer():
     assert not list(model.buffers())
     with pytest.raises(FedknError, match="model 'preactresnet18' cannot use norm 'nf'"):
         build("preactresnet18", "nf")
+    with pytest.raises(FedknError, match="nf alpha"):
+        build("resnet8", "nf", norm_options={"alpha": 0.0})
 
 
 def test_nf_trains_under_dp_sgd_with_agc():

@@ -218,6 +218,8 @@ def get_norm(name: str | Norm, defaults: Options | None = None, **options: Any) 
             resolved["head_dropout_p"] = min(5 * p, 0.25)
     if "impl" in resolved and resolved["impl"] not in IMPLS:
         raise FedknError(f"KernelNorm impl must be one of {', '.join(IMPLS)}, got {resolved['impl']!r}")
+    if "alpha" in resolved and not 0.0 < resolved["alpha"] <= 1.0:
+        raise FedknError(f"nf alpha (the residual branch scale) must be in (0, 1], got {resolved['alpha']}")
     return Norm(name, spec, resolved)
 
 
