@@ -421,7 +421,7 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
     assert "85.0 ± 1.4" in gn_row and "| 2 |" in gn_row.replace(" ", " ")  # 2 finished seeds only
     assert "| iid | gn | headline test acc | +4.0 |" in text  # kn - gn, paired per seed
     assert "| iid | fedbn | clients' headline acc | -5.0 |" in text
-    assert "Headline window: rounds 3-3" in text and "mean over rounds 2-2" in text
+    assert "Headline window: round 3 (" in text and "mean over round 2 (" in text
     assert "⚠ In 6 of 6 runs the headline window holds fewer than 3 evaluations (1)" in text
     assert "not converged: iid: kn (+6.5), gn (+20.0), fedbn (+4.0)." in text
     assert "gn_iid_s2: running" in text

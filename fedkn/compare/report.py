@@ -644,7 +644,7 @@ def build_markdown(
 def _windows(records: Sequence[RunRecord], window: Any) -> str:
     """The rounds ``window(num_rounds, eval_every)`` spans, for each setting the runs have."""
     spans = dict.fromkeys(window(r.num_rounds, r.eval_every) for r in records)
-    return ", ".join(f"rounds {a}-{b}" for a, b in spans) or "no finished run"
+    return ", ".join(f"rounds {a}-{b}" if b > a else f"round {b}" for a, b in spans) or "no finished run"
 
 
 def _convergence_markdown(rows: Sequence[Row], records: Sequence[RunRecord], partitions: Sequence[str]) -> list[str]:
@@ -660,7 +660,8 @@ def _convergence_markdown(rows: Sequence[Row], records: Sequence[RunRecord], par
         counts = ", ".join(str(n) for n in sorted({r.figures["headline_evals"] for r in few}))
         out += [f"⚠ In {len(few)} of {len(records)} runs the headline window holds fewer than {MIN_WINDOW_EVALS} "
                 f"evaluations ({counts}): the headline is close to a single round's accuracy. Evaluate more often "
-                f"(a smaller eval-every) so that it averages at least {MIN_WINDOW_EVALS}.", ""]
+                f"(a smaller eval-every; where it is 1 already, more rounds) so that it averages at least "
+                f"{MIN_WINDOW_EVALS}.", ""]
     gaining = {p: [r for r in rows if r.partition == p and r.gain > STILL_GAINING] for p in partitions}
     listed = "; ".join(f"{p}: " + ", ".join(f"{r.norm} ({fmt_signed_pct(r.gain)})" for r in g) for p, g in gaining.items() if g)
     out += [f"↑ Still gaining more than {100 * STILL_GAINING:.0f} point over the last {100 * GAIN_SPAN:.0f}% of the "
