@@ -142,12 +142,11 @@ class Choice:
     lr: float
     edge: str  # "" | "low" | "high"
     extended: tuple[float, ...] = ()  # lrs added beyond the grid's edges, in the order they were run
+    capped: bool = False  # still at an edge after the most extensions search() was allowed
 
     @property
     def at_edge(self) -> bool:
         return bool(self.edge)
-
-    capped: bool = False  # still at an edge after the most extensions search() was allowed
 
     @property
     def best(self) -> TunePoint:
