@@ -473,6 +473,15 @@ def test_report_on_a_directory_without_runs(tmp_path: Path, capsys: pytest.Captu
     assert "no run directories" in capsys.readouterr().err
 
 
+def test_report_with_no_finished_run_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5], status="partial")
+    _fake_run(tmp_path, "gn", 0, [0.1, 0.4], status="diverged")
+    assert main(["report", str(tmp_path), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished run" in err and "nothing to report" in err
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_dry_run_lists_cells_and_tuning(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     args = ["compare", "--norms", "kn,gn", "--partitions", "iid,dir0.1", "--seeds", "2", "--lr-grid", "log:0.01:0.1:3",
             "--tune-on", "dirichlet:alpha=0.1", "--only", "seed=1", "--out", str(tmp_path / "x"), "--dry-run"]

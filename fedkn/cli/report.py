@@ -27,6 +27,6 @@ def register(subparsers: Any) -> None:
 def report_command(args: argparse.Namespace) -> int:
     from fedkn.compare.report import build_report
 
-    path = build_report(args.dir, target=args.target, plots=not args.no_plots)
+    path = build_report(args.dir, target=args.target, plots=not args.no_plots, require_finished=True)
     print(f"report: {path}")
     return 0

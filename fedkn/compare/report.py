@@ -826,8 +826,15 @@ def tuning_summary(out: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
                      "seconds": float(sum(seconds)), "timed": len(seconds)}}
 
 
-def build_report(out: str | Path, *, target: float | None = None, plots: bool = True) -> Path:
-    """Write ``report.md``, ``final_metrics.csv`` (and plots, ``tuning.json``) for ``out``."""
+def build_report(
+    out: str | Path, *, target: float | None = None, plots: bool = True, require_finished: bool = False
+) -> Path:
+    """Write ``report.md``, ``final_metrics.csv`` (and plots, ``tuning.json``) for ``out``.
+
+    ``require_finished`` is for ``fedkn report``: a directory whose runs all stopped early has no
+    table to show, and an empty report would read as success. ``fedkn compare`` still writes one,
+    since it lists why its cells stopped.
+    """
     from fedkn.compare.grid import RUNS_DIR
 
     root = Path(out)
@@ -840,6 +847,11 @@ def build_report(out: str | Path, *, target: float | None = None, plots: bool = 
     records = load_runs(root / RUNS_DIR, target)
     if not records:
         raise FedknError(f"'{out}' has no run directories under {RUNS_DIR}/; is it a fedkn compare output directory?")
+    if require_finished and not any(r.finished for r in records):
+        raise FedknError(
+            f"'{out}' has no finished run ({len(records)} under {RUNS_DIR}/ stopped early or are still running); "
+            "nothing to report"
+        )
     norm_order = list(meta.get("norms") or [])
     part_order = list(meta.get("partitions") or [])
 
