@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from fedkn import agc
 from fedkn.data import ImageDataset, iterate_batches
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
 
 #: ``(uint8 images, generator) -> float model input`` (``fedkn.data.Preprocess`` is one).
 PreprocessFn = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
@@ -221,7 +221,7 @@ def train_local(
             model, optimizer, x, y, proximal_mu=proximal_mu, global_params=global_params
         )
         if not math.isfinite(batch_loss):
-            raise FedknError(
+            raise DivergedError(
                 f"training diverged (loss {batch_loss / max(1, y.numel())}) at local step {taken + 1}; lower lr"
             )
         loss_sum += batch_loss

@@ -26,16 +26,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
+from fedkn.protocol import ERROR_CODE_DIVERGED, LOST_NODE_CODES
 from strategies.sampling import sample_partitions, sample_size
 
 WEIGHT_KEY = "num-examples"
-#: Error codes with which the SuperLink answers for a SuperNode that is gone (no heartbeat for 2 x 30 s):
-#: flwr.common.constant.ErrorCode MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE.
-LOST_NODE_CODES: frozenset[int] = frozenset({3, 4, 5})
 log = logging.getLogger("fedkn")
 #: Metric every client reports as 1 under client-level DP, so that FedAvg averages the arrays uniformly.
 UNIFORM_WEIGHT_KEY = "dp-weight"
@@ -59,6 +65,14 @@ class ClientFailure(FedknError):
 
     def __init__(self, message: str, detail: str = "") -> None:
         super().__init__(message)
+        self.detail = detail
+
+
+class ClientDiverged(ClientFailure, DivergedError):
+    """A client's local training diverged (its reply carried :data:`ERROR_CODE_DIVERGED`)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        DivergedError.__init__(self, message)
         self.detail = detail
 
 
@@ -160,7 +174,8 @@ class FedknStrategy:
                     if isinstance(pid, int):
                         why[pid] = "SuperNode unavailable (no heartbeat)"
                     continue
-                raise ClientFailure(f"client {pid} failed in round {server_round} ({phase}): {_last_line(reason)}", detail=reason)
+                failure = ClientDiverged if int(msg.error.code) == ERROR_CODE_DIVERGED else ClientFailure
+                raise failure(f"client {pid} failed in round {server_round} ({phase}): {_last_line(reason)}", detail=reason)
             good.append(msg)
         if sampled is not None:
             replied = {self.partition_of.get(m.metadata.src_node_id) for m in good}

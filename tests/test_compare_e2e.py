@@ -118,3 +118,17 @@ def test_lr_tuning_picks_best_validation_score_and_flags_edge(tmp_path: Path) ->
     assert "## Learning-rate tuning" in text and "lr 0.0001" in text and "lr 0.05" in text
     assert f"{choice.lr:g} ⚠ {choice.edge} edge" in text
     assert len(expand_grid(["kn"], ["iid"], [0])) == 1
+
+
+def test_a_diverging_lr_is_recorded_as_diverged_and_tuning_goes_on(tmp_path: Path) -> None:
+    from fedkn.compare.tuning import TuneSpec, load_points, tune
+    from fedkn.config import RunConfig
+
+    base = RunConfig.from_sources(None, None, TINY[1::2])
+    spec = TuneSpec(grid=(0.05, 1e30), rounds=1, seed=0, on="all", max_extensions=0)
+    choice = tune(base, [("kn", "iid")], spec, tmp_path)[("kn", "iid")]
+    points = {p.lr: p for p in load_points(tmp_path / "tune")}
+    assert points[1e30].status == "diverged" and points[0.05].status == "ok"
+    # the recorded reason is the client's line, without the run's location appended by the runner
+    assert "training diverged" in points[1e30].error and "results so far" not in points[1e30].error
+    assert choice.lr == 0.05

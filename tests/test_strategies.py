@@ -18,8 +18,9 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedkn.config import RunConfig
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
 from fedkn.models import build
+from fedkn.protocol import ERROR_CODE_CLIENT, ERROR_CODE_DIVERGED
 from strategies import (
     ClientFailure,
     FedBN,
@@ -127,6 +128,21 @@ def test_client_error_stops_the_run_with_its_line():
     assert str(info.value) == "client 1 failed in round 4 (train): batch size 1 does not work with BatchNorm"
     with pytest.raises(FedknError, match="no client replied in round 2"):
         s.aggregate_train(2, [])
+
+
+def test_a_diverged_client_reply_raises_a_typed_divergence():
+    s = _strategy()
+    ins = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=309, message_type=MessageType.TRAIN)
+    reason = "FedknError: training diverged (loss nan) at local step 3; lower lr"
+    bad = Message(Error(code=ERROR_CODE_DIVERGED, reason=reason), reply_to=ins)
+    with pytest.raises(DivergedError) as info:
+        s.aggregate_train(4, [bad])
+    assert isinstance(info.value, ClientFailure)
+    assert info.value.reason == "client 1 failed in round 4 (train): training diverged (loss nan) at local step 3; lower lr"
+    other = Message(Error(code=ERROR_CODE_CLIENT, reason="FedknError: data is gone"), reply_to=ins)
+    with pytest.raises(ClientFailure) as info:
+        s.aggregate_train(4, [other])
+    assert not isinstance(info.value, DivergedError)
 
 
 def test_seeded_sampling_is_reproducible_and_round_dependent():

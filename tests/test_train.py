@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedkn.data import load_dataset, preprocess_for
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
 from fedkn.models import build
 from fedkn.train import (
     EvalResult,
@@ -142,7 +142,7 @@ def test_empty_client_and_eval_restore_mode(digits):
 
 
 def test_divergence_is_a_clear_error(digits):
-    with pytest.raises(FedknError, match="training diverged .* lower lr"):
+    with pytest.raises(DivergedError, match="training diverged .* lower lr"):
         _train(_model("none"), digits, np.arange(64), "none", lr=1e6, epochs=3)
 
 

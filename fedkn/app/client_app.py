@@ -23,13 +23,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedkn.app import task
 from fedkn.config import RunConfig
 from fedkn.data import Federation, build_federation
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
+from fedkn.protocol import ERROR_CODE_CLIENT, ERROR_CODE_DIVERGED
 from fedkn.results import load_client_state, save_client_state
 from fedkn.train import default_device, evaluate, train_local
 from strategies.base import UNIFORM_WEIGHT_KEY
@@ -41,7 +50,6 @@ from strategies.sampling import sample_partitions, sample_size
 EXTRA_KEYS: tuple[str, ...] = ("server-round", "proximal-mu", "client-state-dir", "clipping_norm")
 LOCAL_STATE_KEY = "fedbn-local-state"
 LOCAL_ROUND_KEY = "fedbn-local-round"
-ERROR_CODE_CLIENT = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 app = ClientApp()
 
@@ -54,7 +62,8 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
         try:
             return handler(msg, context)
         except FedknError as err:
-            return Message(Error(code=ERROR_CODE_CLIENT, reason=f"FedknError: {err}"), reply_to=msg)
+            code = ERROR_CODE_DIVERGED if isinstance(err, DivergedError) else ERROR_CODE_CLIENT
+            return Message(Error(code=code, reason=f"FedknError: {err}"), reply_to=msg)
         except Exception as err:  # noqa: BLE001 - reported to the server, which stops the run
             detail = traceback.format_exc(limit=8)
             return Message(Error(code=ERROR_CODE_CLIENT, reason=f"{detail}\n{type(err).__name__}: {err}"), reply_to=msg)

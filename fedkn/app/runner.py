@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedkn.config import RunConfig
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
 from fedkn.results import RunDir
 
 
@@ -50,17 +50,24 @@ def run_in_dir(
             on_interrupt=on_interrupt,
         )
     except FedknError as err:
-        raise FedknError(f"{err} ({where})") from None
+        raise _located(err, where) from None
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - Flower/Ray infrastructure failure: one line, details in the log
         if isinstance(outcome.error, FedknError):
-            raise FedknError(f"{outcome.error} ({where})") from None
+            raise _located(outcome.error, where) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FedknError(f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'}; {where})") from None
     if isinstance(outcome.error, FedknError):  # raised in the server thread but swallowed upstream
-        raise FedknError(f"{outcome.error} ({where})")
+        raise _located(outcome.error, where)
     summary = outcome.summary
     if not summary or summary.get("status") != "finished":
         raise FedknError(f"the run did not finish (status {summary.get('status', 'unknown')}); see {run_dir.path}")
     return summary
+
+
+def _located(err: FedknError, where: str) -> FedknError:
+    """``err`` with the run's location appended; a divergence stays a :class:`DivergedError`."""
+    if isinstance(err, DivergedError):
+        return DivergedError(err.reason, where)
+    return FedknError(f"{err} ({where})")

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from fedkn.config import RunConfig
-from fedkn.errors import FedknError
+from fedkn.errors import DivergedError, FedknError
 
 SCORE_FILE = "val_score.json"
 DEFAULT_VAL_FRACTION = 0.1
@@ -390,7 +390,7 @@ def tune(
     def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: dict[str, Any] | None, err: BaseException | None) -> None:
         if err is not None:
             point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "diverged",
-                              math.nan, math.nan, 0, "", path.name, str(err).split(" (run: ")[0])
+                              math.nan, math.nan, 0, "", path.name, err.reason if isinstance(err, DivergedError) else str(err))
         else:
             acc, loss, n, source = validation_score(path)
             point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "ok", acc, loss, n, source, path.name)
@@ -399,7 +399,7 @@ def tune(
 
     def run(jobs: Sequence[tuple[str, Cell, RunConfig, Path]]) -> None:
         run_cells(jobs, force=force, verbose=verbose, quiet_rounds=True, on_done=on_done,
-                  catch=lambda e: "diverged" in str(e), show_scores=False)
+                  catch=lambda e: isinstance(e, DivergedError), show_scores=False)
 
     jobs = [j for norm, partition in groups for lr in spec.grid if (j := job(norm, partition, lr)) is not None]
     if jobs:
