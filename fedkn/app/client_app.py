@@ -35,6 +35,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedkn.app import task
+from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
 from fedkn.data import Federation, build_federation
 from fedkn.errors import DivergedError, FedknError
@@ -100,10 +101,7 @@ def partition_of(context: Context, num_clients: int | None = None) -> tuple[int,
             "this SuperNode has no 'partition-id'; start it with --node-config \"partition-id=0 num-partitions=10\""
         )
     if num_clients is not None and total != num_clients:
-        raise FedknError(
-            f"the federation has {total} partitions (SuperNodes) but num-clients is {num_clients}; "
-            f"with flwr run pass --federation-config \"num-supernodes={num_clients}\""
-        )
+        raise partitions_mismatch(total, num_clients)
     if not 0 <= pid < total:
         raise FedknError(f"partition-id {pid} is out of range 0..{total - 1}")
     return pid, total

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkn import __version__
 from fedkn.app import task
+from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
 from fedkn.results import RunDir
@@ -105,10 +106,7 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
                 metrics = next(iter(reply.content.metric_records.values()))
                 total = int(metrics["num-partitions"])
                 if total != num_clients:
-                    raise FedknError(
-                        f"the federation has {total} SuperNodes (partitions) but num-clients is {num_clients}; "
-                        f"with flwr run add --federation-config \"num-supernodes={num_clients}\""
-                    )
+                    raise partitions_mismatch(total, num_clients)
                 known[reply.metadata.src_node_id] = int(metrics["partition-id"])
         if len(known) >= num_clients:
             break
