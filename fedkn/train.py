@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from fedkn import agc
 from fedkn.data import ImageDataset, iterate_batches
 from fedkn.errors import DivergedError, FedknError
+from fedkn.nn.batchnorm import batchnorm_modules, has_batchnorm
 
 #: ``(uint8 images, generator) -> float model input`` (``fedkn.data.Preprocess`` is one).
 PreprocessFn = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
@@ -54,10 +55,6 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """Reject batch size 1 up front for models whose normalization needs a batch (BatchNorm)."""
     if batch_size < 1:
@@ -75,9 +72,8 @@ def check_batch_size(model: nn.Module, batch_size: int) -> None:
 def use_frozen_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm layer in eval mode: it normalizes with its running statistics and stops
     updating them, while its affine parameters (and everything else) still train."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    for _, m in batchnorm_modules(model):
+        m.eval()
 
 
 def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

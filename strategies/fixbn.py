@@ -34,16 +34,16 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedkn.config import RunConfig
+from fedkn.nn.batchnorm import batchnorm_modules
 from strategies.base import FedknStrategy
 
 
 def batchnorm_stat_keys(model: nn.Module) -> list[str]:
     """state_dict keys of every BatchNorm module's statistics: running_mean/var, num_batches_tracked."""
     keys: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            prefix = f"{name}." if name else ""
-            keys.extend(prefix + k for k, _ in module.named_buffers(recurse=False))
+    for name, module in batchnorm_modules(model):
+        prefix = f"{name}." if name else ""
+        keys.extend(prefix + k for k, _ in module.named_buffers(recurse=False))
     return keys
 
 

@@ -28,6 +28,7 @@ from opacus.validators.errors import IllegalModuleConfigurationError
 from torch import Tensor, nn
 
 from fedkn.errors import FedknError
+from fedkn.nn.batchnorm import batchnorm_modules
 from fedkn.privacy import grad_sample as _rules  # noqa: F401 - registers the KNConv2d/WSConv2d rules
 
 
@@ -68,9 +69,8 @@ def validate_model(model: nn.Module, *, example_input: Tensor | None = None) -> 
     ``example_input``: a batch (at least 2 samples) for a dry run on a deep copy of the model,
     which catches layers that Opacus accepts but cannot compute per-sample gradients for.
     """
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise FedknError(_bn_message(f"the model (layer '{name}')"))
+    for name, _ in batchnorm_modules(model):
+        raise FedknError(_bn_message(f"the model (layer '{name}')"))
     for name, m in model.named_modules():
         if _trainable(m) and any(True for _ in m.buffers(recurse=False)):
             buffers = ", ".join(n for n, _ in m.named_buffers(recurse=False))
