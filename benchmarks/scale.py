@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simulation_overhead import GIB, MemoryPeak, run_fedkn  # noqa: E402  (same directory)
+from simulation_overhead import GIB, MemoryPeak, run_fedkn
 
 RSS_TARGET = 4 * GIB
 FLAT_TARGET = 1.10

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 TARGET = 1.15
 GIB = 2**30
@@ -67,22 +67,22 @@ class RunTiming:
 def base_config(args: argparse.Namespace, **changes: Any) -> Any:
     from fedkn.config import RunConfig
 
-    values = dict(
-        dataset="digits",
-        model=args.model,
-        norm=args.norm,
-        width=args.width,
-        num_clients=args.clients,
-        partition=args.partition,
-        fraction_train=args.fraction,
-        fraction_evaluate=args.fraction_evaluate,
-        local_steps=args.local_steps,
-        batch_size=args.batch,
-        num_rounds=args.rounds,
-        client_num_cpus=args.client_num_cpus,
-        seed=0,
-        name="bench",
-    )
+    values = {
+        "dataset": "digits",
+        "model": args.model,
+        "norm": args.norm,
+        "width": args.width,
+        "num_clients": args.clients,
+        "partition": args.partition,
+        "fraction_train": args.fraction,
+        "fraction_evaluate": args.fraction_evaluate,
+        "local_steps": args.local_steps,
+        "batch_size": args.batch,
+        "num_rounds": args.rounds,
+        "client_num_cpus": args.client_num_cpus,
+        "seed": 0,
+        "name": "bench",
+    }
     values.update(changes)
     return RunConfig(**values)
 
@@ -197,7 +197,7 @@ class TreeSampler:
             self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> TreeSampler:
+    def __enter__(self) -> Self:
         self.sample()
         self._thread.start()
         return self

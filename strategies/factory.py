@@ -37,15 +37,15 @@ def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = (), stat_keys:
     ``UNIFORM_WEIGHT_KEY: 1``), as the guarantee of ``strategies.dp`` needs; wrap the result with
     ``strategies.dp.wrap_strategy``.
     """
-    common = dict(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=cfg.min_clients,  # not num-clients: Flower would wait forever for a dead SuperNode
-        min_clients=cfg.min_clients,
-        seed=cfg.seed,
-    )
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": cfg.min_clients,  # not num-clients: Flower would wait forever for a dead SuperNode
+        "min_clients": cfg.min_clients,
+        "seed": cfg.seed,
+    }
     if cfg.client_dp != "off":
         common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     name = cfg.strategy

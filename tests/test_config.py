@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def test_preset_file_errors(tmp_path):
 
 def test_frozen_and_replace():
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0  # type: ignore[misc]
     assert cfg.replace(lr=0.5).lr == 0.5
     with pytest.raises(FedknError):

@@ -15,7 +15,6 @@ from fedkn.data.datasets import DATASETS, ImageDataset, load_dataset
 from fedkn.data.idx import FMNIST_SYSTEM_DIR
 from fedkn.errors import FedknError
 
-
 # --- digits (embedded) ---------------------------------------------------------------------------
 
 def test_digits_loads_offline_with_expected_shapes() -> None:

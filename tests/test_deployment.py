@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from deploy_helpers import TINY, Deployment, Proc, read_metrics, run_dirs, tails, wait_until
 
 pytestmark = pytest.mark.slow

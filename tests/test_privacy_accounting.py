@@ -46,7 +46,7 @@ def _ledger(accountant: str) -> PrivacyLedger:
 def test_ledger_cumulative_epsilon_equals_opacus_over_participated_rounds():
     ledger = _ledger("rdp")
     assert ledger.rounds_participated == 3 and ledger.total_steps == 28
-    eps = lambda rounds: _stepped(RDPAccountant(), rounds).get_epsilon(delta=DELTA)  # noqa: E731
+    eps = lambda rounds: _stepped(RDPAccountant(), rounds).get_epsilon(delta=DELTA)
     assert ledger.epsilon() == eps(PLAN.values())
     assert ledger.epsilon(up_to_round=3) == eps([PLAN[1], PLAN[3]])
     assert ledger.epsilon(up_to_round=2) == eps([PLAN[1]])  # round 2 without this client costs nothing

@@ -39,7 +39,7 @@ def _isolated(tmp_path, monkeypatch):
 def _run(tmp_path: Path, *args: str) -> Path:
     out = tmp_path / "runs"
     assert main(["run", *TINY, "--set", f"output-dir={out}", *args]) == 0
-    return sorted(out.iterdir())[-1]
+    return max(out.iterdir())
 
 
 def _summary(run_dir: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_server_side_clipping_and_noise_on_uniform_average():
 
 def test_guarantee_is_monotone_and_matches_opacus():
     eps = [client_level_guarantee(s, 5, 50, 20, 1e-5).epsilon for s in (0.5, 0.8, 1.2, 2.0, 4.0)]
-    assert all(a > b for a, b in zip(eps, eps[1:]))  # more noise -> smaller epsilon
+    assert all(a > b for a, b in itertools.pairwise(eps))  # more noise -> smaller epsilon
     more_rounds = [client_level_guarantee(1.0, 5, 50, r, 1e-5).epsilon for r in (1, 5, 20)]
     assert more_rounds == sorted(more_rounds)
     g = client_level_guarantee(1.0, 5, 50, 20, 1e-5, amplification="poisson")

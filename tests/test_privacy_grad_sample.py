@@ -44,9 +44,9 @@ def _loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str,
 
 def _assert_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     assert got.keys() == ref.keys()
-    for name in ref:
-        assert got[name].shape == ref[name].shape, name
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+    for name, want in ref.items():
+        assert got[name].shape == want.shape, name
+        torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-11, msg=name)
 
 
 @pytest.mark.parametrize("model_name", ["resnet8", "vgg6"])

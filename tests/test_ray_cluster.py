@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from deploy_helpers import BIN, QUIET_ENV, TINY, Processes, free_ports, read_metrics, run_dirs, tails, wait_until
 
 pytestmark = pytest.mark.slow
@@ -27,9 +26,9 @@ def _ray_address_supported() -> bool:
     from fedkn.cli import build_parser
 
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")  # noqa: SLF001 - argparse has no public API
+    sub = next(a for a in parser._actions if a.dest == "command")  # argparse has no public API for it
     run = sub.choices.get("run")  # type: ignore[union-attr]
-    return run is not None and any("--ray-address" in a.option_strings for a in run._actions)  # noqa: SLF001
+    return run is not None and any("--ray-address" in a.option_strings for a in run._actions)
 
 
 @pytest.fixture

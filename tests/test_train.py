@@ -40,8 +40,8 @@ def _pre(ds, norm):
 
 
 def _train(model, ds, idx, norm, **kw):
-    args = dict(batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, generator=torch.Generator().manual_seed(0),
-                device="cpu", preprocess=_pre(ds, norm))
+    args = {"batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "generator": torch.Generator().manual_seed(0),
+                "device": "cpu", "preprocess": _pre(ds, norm)}
     args.update(kw)
     return train_local(model, ds, idx, **args)
 

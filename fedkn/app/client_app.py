@@ -270,7 +270,7 @@ def _privacy_ledger(cfg: RunConfig, pid: int, server_round: int, private: Any) -
 @_guard
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model (with this client's BatchNorm under FedBN) on the local test split."""
-    cfg, extras, pid, fed, model, _ = _prepare(msg, context, for_round=int(extras_round(msg)))
+    cfg, _extras, pid, fed, model, _ = _prepare(msg, context, for_round=int(extras_round(msg)))
     result = evaluate(
         model,
         fed.train_set,

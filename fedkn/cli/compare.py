@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -193,9 +194,8 @@ def compare_command(args: argparse.Namespace) -> int:
                 raise FedknError(f"--tune-on: {err}") from None
             on = next((p for p in partitions if canonical_partition(p) == canon), on)
         vf = args.val_fraction
-        if vf is not None:
-            if not 0.0 <= vf < 1.0:
-                raise FedknError(f"--val-fraction must be in [0, 1), got {vf:g}")
+        if vf is not None and not 0.0 <= vf < 1.0:
+            raise FedknError(f"--val-fraction must be in [0, 1), got {vf:g}")
         spec = TuneSpec(tuple(grid), rounds, tune_seed, on, vf if vf is not None else DEFAULT_VAL_FRACTION)
     elif any(x is not None for x in (args.tune_rounds, args.tune_seed, args.val_fraction)) or args.tune_on != "all":
         raise FedknError("--tune-rounds/--tune-seed/--tune-on/--val-fraction only apply with --lr-grid")
@@ -262,10 +262,8 @@ def compare_command(args: argparse.Namespace) -> int:
 def _try_report(out: Path) -> None:
     from fedkn.compare.report import build_report
 
-    try:
+    with contextlib.suppress(Exception):  # best effort on the way out
         build_report(out)
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        pass
 
 
 def _print_table(out: Path) -> None:

@@ -20,11 +20,11 @@ examples:
   fedkn partition --dataset fmnist --partition quantity:alpha=0.5 --num-clients 100
   fedkn partition --dataset cifar10 --data-dir ~/data --partition dir0.1 --out runs/cifar-dir0.1
 
-partition specs: SCHEME[:key=value,...] with SCHEME one of %s,
+partition specs: SCHEME[:key=value,...] with SCHEME one of {},
 or an alias: dir0.3 = dirichlet:alpha=0.3, 2cls = shards2 = shards:classes_per_client=2.
 Outputs: a clients x classes table and a non-IID summary on stdout, and partition.json (scheme, params, seed, per-client
 indices and label counts) plus partition.png (clients x classes heat map) in --out.
-""" % ", ".join(SCHEMES)
+""".format(", ".join(SCHEMES))
 
 #: Flags that each set the partition parameter of the same name (argparse dest = parameter name).
 _PARAM_FLAGS: tuple[str, ...] = ("alpha", "classes_per_client", "balance", "min_samples")

@@ -14,6 +14,7 @@ elapsed time) and a summary; writes the run directory (see :mod:`fedkn.results`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -85,13 +86,11 @@ def _mark_interrupted(run_dir: Any) -> None:
     """Record the interruption in summary.json and redraw the plot from the finished rounds."""
     import json
 
-    try:
+    with contextlib.suppress(Exception):  # best effort: metrics.csv and model.pt are already safe on disk
         summary = json.loads(run_dir.summary_path.read_text()) if run_dir.summary_path.exists() else {}
         summary["status"] = "interrupted"
         run_dir.write_summary(summary)
         run_dir.plot()
-    except Exception:  # noqa: BLE001 - metrics.csv and model.pt are already safe on disk
-        pass
 
 
 def _interrupted(run_dir: Any) -> None:

@@ -177,9 +177,7 @@ def _matches(cell: Cell, flt: dict[str, str]) -> bool:
         return False
     if "seed" in flt and cell.seed != int(flt["seed"]):
         return False
-    if "partition" in flt and canonical_partition(cell.partition) != flt["partition"]:
-        return False
-    return True
+    return not ("partition" in flt and canonical_partition(cell.partition) != flt["partition"])
 
 
 def select(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
@@ -340,7 +338,7 @@ def _num(v: Any) -> bool:
 
 
 def fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

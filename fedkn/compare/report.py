@@ -544,8 +544,8 @@ def build_markdown(
         if meta.get("tuning"):
             keys = tuple(k for k in keys if k != "lr")  # per cell, tuned (see the tables)
         shown = ", ".join(f"{k} {base[k]}" for k in keys if k in base)
-        out += [f"Setup: {shown}. Everything else is identical across cells; all cells of a seed share "
-                "partition, initialization seed and client sampling.", ""]
+        out += [(f"Setup: {shown}. Everything else is identical across cells; all cells of a seed share "
+                "partition, initialization seed and client sampling."), ""]
     seeds = sorted({r.seed for r in finished})
     out += [
         f"Runs: {len(finished)} finished" + (f", {len(unfinished)} unfinished (not in the tables)" if unfinished else "")
@@ -559,24 +559,24 @@ def build_markdown(
         f"{100 * GAIN_SPAN:.0f}% of the rounds earlier (" + _windows(finished, gain_window) + "), in points, mean over "
         f"seeds; ↑ = still gaining more than {100 * STILL_GAINING:.0f} point: not converged.",
         "- **final / best test acc**: global test set after the last round / at the best round; n/a for FedBN.",
-        "- **clients' headline acc**: the headline mean of the federated evaluation on the clients' held-out local "
-        "splits (each client with its own BatchNorm under FedBN).",
+        ("- **clients' headline acc**: the headline mean of the federated evaluation on the clients' held-out local "
+        "splits (each client with its own BatchNorm under FedBN)."),
         f"- **rounds / s to {100 * target:.0f}%**: first round reaching the target and the wall seconds of rounds 1 "
         "to it (their round times summed: training + evaluation, without Ray's start-up and round 0), mean over "
         "the seeds that reached it"
         + (f" (the global test set is scored every {every} rounds, so the test column counts in steps of {every}; "
            "the clients' column is scored every round)." if (every := int(base.get("eval-every", 1) or 1)) > 1 else "."),
-        "- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
-        "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation).",
+        ("- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
+        "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation)."),
         "- **norms**: " + norm_legend(norms) + ".",
         "",
     ]
     private = any(math.isfinite(r.epsilon) for r in rows)
     if private:
         delta = base.get("dp-delta", "?")
-        out += [f"- **ε**: DP-SGD privacy budget at δ={delta}, cumulative over the run, largest over clients and "
+        out += [(f"- **ε**: DP-SGD privacy budget at δ={delta}, cumulative over the run, largest over clients and "
                 "seeds; cells with the same target epsilon are compared at equal privacy. Learning-rate tuning on "
-                "validation data is not counted in this budget.", ""]
+                "validation data is not counted in this budget."), ""]
     for p in partitions:
         prow = [r for r in rows if r.partition == p]
         if not prow:
@@ -612,16 +612,16 @@ def build_markdown(
             paired_lines.append([p, pd.other, what, fmt_signed_pct(pd.mean), ci, str(len(pd.seeds)), per_seed])
     if paired_lines:
         out += [f"## Paired differences: {REFERENCE_NORM} minus every other norm", "",
-                "On the headline accuracy, per seed (same partition, same initialization seed, same client sampling), "
+                ("On the headline accuracy, per seed (same partition, same initialization seed, same client sampling), "
                 "in accuracy points, with the 95% t-interval over seeds; against FedBN on the clients' headline "
-                "accuracy of both (FedBN has no test figure). An interval that holds 0 does not separate the two.", ""]
+                "accuracy of both (FedBN has no test figure). An interval that holds 0 does not separate the two."), ""]
         out += _table(["partition", "other norm", "metric", "mean diff", "95% CI", "seeds", "per seed"], paired_lines)
         out.append("")
 
     notes = _ordering_notes(rows, partitions)
     if notes:
-        out += ["## Ordering", "", "Means over seeds, highest first (checks against the papers' expected ordering "
-                "KN >= GN/LN > none; a 'yes' on the means alone is not significant, see the paired intervals):", ""]
+        out += ["## Ordering", "", ("Means over seeds, highest first (checks against the papers' expected ordering "
+                "KN >= GN/LN > none; a 'yes' on the means alone is not significant, see the paired intervals):"), ""]
         out += notes + [""]
 
     if tuning:
@@ -652,16 +652,16 @@ def _convergence_markdown(rows: Sequence[Row], records: Sequence[RunRecord], par
     if not rows:
         return []
     out = ["## Convergence", "",
-           f"Headline window: {_windows(records, headline_window)} (the last {100 * HEADLINE_SHARE:.0f}% of the rounds, "
+           (f"Headline window: {_windows(records, headline_window)} (the last {100 * HEADLINE_SHARE:.0f}% of the rounds, "
            "at least eval-every rounds wide); gain: headline minus the mean over "
-           f"{_windows(records, gain_window)} (the same width, ending {100 * GAIN_SPAN:.0f}% of the rounds earlier).", ""]
+           f"{_windows(records, gain_window)} (the same width, ending {100 * GAIN_SPAN:.0f}% of the rounds earlier)."), ""]
     few = [r for r in records if r.figures["headline_evals"] < MIN_WINDOW_EVALS]
     if few:
         counts = ", ".join(str(n) for n in sorted({r.figures["headline_evals"] for r in few}))
-        out += [f"⚠ In {len(few)} of {len(records)} runs the headline window holds fewer than {MIN_WINDOW_EVALS} "
+        out += [(f"⚠ In {len(few)} of {len(records)} runs the headline window holds fewer than {MIN_WINDOW_EVALS} "
                 f"evaluations ({counts}): the headline is close to a single round's accuracy. Evaluate more often "
                 f"(a smaller eval-every; where it is 1 already, more rounds) so that it averages at least "
-                f"{MIN_WINDOW_EVALS}.", ""]
+                f"{MIN_WINDOW_EVALS}."), ""]
     gaining = {p: [r for r in rows if r.partition == p and r.gain > STILL_GAINING] for p in partitions}
     listed = "; ".join(f"{p}: " + ", ".join(f"{r.norm} ({fmt_signed_pct(r.gain)})" for r in g) for p, g in gaining.items() if g)
     out += [f"↑ Still gaining more than {100 * STILL_GAINING:.0f} point over the last {100 * GAIN_SPAN:.0f}% of the "

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from fedkn.data.datasets import ImageDataset, load_dataset
-from fedkn.data.partition import parse_partition, partition as split_among_clients, resolve_params
+from fedkn.data.partition import parse_partition, resolve_params
+from fedkn.data.partition import partition as split_among_clients
 from fedkn.errors import FedknError
 
 

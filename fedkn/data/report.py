@@ -124,7 +124,7 @@ def write_assignment(
         "summary": noniid_summary(counts),
     }
     clients = [
-        {"id": i, "count": int(len(p)), "label_counts": counts[i].tolist(), "indices": p.tolist()}
+        {"id": i, "count": len(p), "label_counts": counts[i].tolist(), "indices": p.tolist()}
         for i, p in enumerate(parts)
     ]
     # One line per field and per client: diffable and greppable, where indent= would put every

@@ -10,7 +10,7 @@ from fedkn.nn.norms import Norm, Residual  # noqa: F401 - Residual: re-exported 
 
 def scaled(channels: int, width: float) -> int:
     """Channel count under a width multiplier (at least 1), so CPU-sized variants keep the shape."""
-    return max(1, int(round(channels * width)))
+    return max(1, round(channels * width))
 
 
 class Classifier(nn.Module):

@@ -60,7 +60,7 @@ _BASIC = {
 
 def knresnet(depth: int, norm: Norm, num_classes: int, in_channels: int, width: float, high_res: bool) -> nn.Module:
     """KNResNet-18/34 (basic 2x2 blocks) or KNResNet-50 (bottlenecks) at a width multiplier."""
-    w = lambda c: scaled(c, width)  # noqa: E731 - local shorthand keeps the tables readable
+    w = lambda c: scaled(c, width)  # local shorthand keeps the tables readable
     if depth == 50:
         return _knresnet50(norm, num_classes, in_channels, w, high_res)
     stem, stages, head = _BASIC[depth]

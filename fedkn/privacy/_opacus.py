@@ -8,7 +8,7 @@ import logging
 
 _root = logging.getLogger()
 _before = list(_root.handlers)
-import opacus  # noqa: E402,F401
+import opacus  # noqa: F401
 
 for _handler in [h for h in _root.handlers if h not in _before]:
     _root.removeHandler(_handler)

@@ -268,7 +268,7 @@ def make_private(
         sample_rate=sample_rate,
         steps_per_round=steps,
         noise_multiplier=sigma,
-        expected_batch_size=max(1, int(round(num_samples * sample_rate))),
+        expected_batch_size=max(1, round(num_samples * sample_rate)),
         noise_generator=noise_generator,
     )
 
