@@ -390,7 +390,7 @@ def tune(
     def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: dict[str, Any] | None, err: BaseException | None) -> None:
         if err is not None:
             point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "diverged",
-                              math.nan, math.nan, 0, "", path.name, err.reason if isinstance(err, DivergedError) else str(err))
+                              math.nan, math.nan, 0, "", path.name, str(getattr(err, "reason", err)))
         else:
             acc, loss, n, source = validation_score(path)
             point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "ok", acc, loss, n, source, path.name)
