@@ -32,6 +32,7 @@ import torch
 
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
+from fedkn.summary import SUMMARY_FILE
 
 #: metrics.csv columns, in order.
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -55,7 +56,6 @@ TIME_COLUMNS: tuple[str, ...] = ("round_time_s", "elapsed_s")
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "summary.json"
 PLOT_FILE = "metrics.png"
 CHECKPOINT_FILE = "model.pt"
 CLIENT_STATE_DIR = "client_state"

@@ -16,6 +16,11 @@
   strategy may keep further arrays at their global value in some rounds (:meth:`kept_keys`; FixBN).
 - **Errors**: a client's error reply stops the run with one clear line instead of being skipped.
 - **Server state** for checkpoints: FedAvgM's momentum, FedAdam's moments (:meth:`state_dict`).
+
+Only Flower's public API is used: the public strategy classes and their constructor parameters,
+``Message``, ``ArrayRecord`` and ``MetricRecord``. Where Flower 1.41 offers no public way (the
+server optimizers' state), :meth:`FedknStrategy.state_dict` says so and a test fails loudly when
+Flower changes.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.serverapp.strategy import Strategy
 
 from fedkn.errors import DivergedError, FedknError
 from fedkn.protocol import ERROR_CODE_DIVERGED, LOST_NODE_CODES
@@ -76,8 +81,14 @@ def _reply_arrays(msg: Message) -> Iterable[ArrayRecord]:
     return msg.content.array_records.values()
 
 
-class FedknStrategy:
+class FedknStrategy(Strategy):
     """Mixin: put it first, e.g. ``class FedknFedAvg(FedknStrategy, FedAvg)``."""
+
+    # FedAvg's public sampling parameters (every fedkn strategy derives from Flower's FedAvg).
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
 
     def __init__(
         self, *args: Any, seed: int = 0, local_keys: Iterable[str] = (), min_clients: int = 1, **kwargs: Any
@@ -133,14 +144,14 @@ class FedknStrategy:
         if not messages or not self.node_of:
             return messages
         if phase == "train":
-            k = sample_size(self.num_partitions, self.fraction_train, self.min_train_nodes)  # type: ignore[attr-defined]
+            k = sample_size(self.num_partitions, self.fraction_train, self.min_train_nodes)
         else:
-            k = sample_size(self.num_partitions, self.fraction_evaluate, self.min_evaluate_nodes)  # type: ignore[attr-defined]
+            k = sample_size(self.num_partitions, self.fraction_evaluate, self.min_evaluate_nodes)
         pids = sample_partitions(self.num_partitions, k, seed=self.seed, server_round=server_round, phase=phase)
         content = messages[0].content
         mtype = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
         alive = [p for p in pids if self.node_of[p] in online]
-        out = list(self._construct_messages(content, [self.node_of[p] for p in alive], mtype))  # type: ignore[attr-defined]
+        out = [Message(content=content, message_type=mtype, dst_node_id=self.node_of[p]) for p in alive]
         self._sent[(server_round, phase)] = (pids, out)
         return out
 
@@ -149,7 +160,7 @@ class FedknStrategy:
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
 
-    def _checked(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
+    def check_replies(self, replies: Iterable[Message], server_round: int, phase: str) -> list[Message]:
         """Replies sorted by partition id. A client's own error stops the run; a lost SuperNode
         (offline when sampled, no heartbeat, no reply within round-timeout) is dropped while at
         least min-clients replies remain, else the run stops with one line."""
@@ -191,13 +202,13 @@ class FedknStrategy:
         self._global_arrays = arrays
         send = self._strip_local(arrays)
         online = self._online(grid, r, "train")
-        messages = self._resample(list(super().configure_train(r, send, config, grid)), r, "train", online)  # type: ignore[misc]
+        messages = self._resample(list(super().configure_train(r, send, config, grid)), r, "train", online)
         self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = server_round + self.round_offset
-        replies = self._checked(replies, r, "train")
+        replies = self.check_replies(replies, r, "train")
         rec = self.record(r)
         rec.bytes_sent += sum(_arrays_nbytes(a) for m in replies for a in _reply_arrays(m))
         rec.clients_trained = len(replies)
@@ -206,7 +217,7 @@ class FedknStrategy:
         weighted = [m for m in replies if _weight(m) > 0]
         if not weighted:  # every sampled client had no training data: keep the model
             return None, None
-        arrays, metrics = super().aggregate_train(r, weighted)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(r, weighted)
         kept = self.kept_keys(r)
         if arrays is not None and kept and self._global_arrays is not None:
             merged = ArrayRecord()
@@ -227,76 +238,111 @@ class FedknStrategy:
         r = server_round + self.round_offset
         send = self._strip_local(arrays)
         online = self._online(grid, r, "evaluate")
-        messages = self._resample(list(super().configure_evaluate(r, send, config, grid)), r, "evaluate", online)  # type: ignore[misc]
+        messages = self._resample(list(super().configure_evaluate(r, send, config, grid)), r, "evaluate", online)
         self.record(r).bytes_sent += _arrays_nbytes(send) * len(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         r = server_round + self.round_offset
-        replies = self._checked(replies, r, "evaluate")
+        replies = self.check_replies(replies, r, "evaluate")
         rec = self.record(r)
         rec.clients_evaluated = len(replies)
         weighted = [m for m in replies if _weight(m) > 0]
         if not weighted:
             return None
-        metrics = super().aggregate_evaluate(r, weighted)  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(r, weighted)
         if metrics is not None:
             rec.evaluate = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return metrics
 
     # -- server optimizer state, for checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Server-side state that a resumed run needs (FedAvgM momentum, FedAdam moments)."""
+        """Server-side state that a resumed run needs (FedAvgM's momentum, FedAdam's moments).
+
+        Flower 1.41 has no public API for a strategy's state: its server optimizers keep it in
+        public instance attributes that hold arrays (a list, or a name -> array dict). Every such
+        attribute is saved under its own name, whatever it is called, as ``name[i]`` or
+        ``name.key``. ``tests/test_strategies.py`` resumes FedAvgM and FedAdam from this state and
+        requires the uninterrupted result bit for bit, so a Flower release that moves the state
+        elsewhere fails there, loudly.
+        """
         out: dict[str, np.ndarray] = {}
-        momentum = getattr(self, "momentum_vector", None)
-        if momentum is not None:
-            for i, a in enumerate(momentum):
-                out[f"momentum_vector.{i}"] = np.asarray(a)
-        for name in ("m_t", "v_t"):
-            moments = getattr(self, name, None)
-            if moments:
-                for k, a in moments.items():
-                    out[f"{name}.{k}"] = np.asarray(a)
+        for name, value in vars(self).items():
+            if isinstance(value, list) and value and all(isinstance(a, np.ndarray) for a in value):
+                out.update({f"{name}[{i}]": np.asarray(a) for i, a in enumerate(value)})
+            elif isinstance(value, dict) and value and all(isinstance(a, np.ndarray) for a in value.values()):
+                out.update({f"{name}.{k}": np.asarray(a) for k, a in value.items()})
         return out
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        momentum: dict[int, np.ndarray] = {}
-        moments: dict[str, dict[str, np.ndarray]] = {"m_t": {}, "v_t": {}}
+        """Restore what :meth:`state_dict` saved; state this strategy has no attribute for is an error."""
+        lists: dict[str, dict[int, np.ndarray]] = {}
+        dicts: dict[str, dict[str, np.ndarray]] = {}
         for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head == "momentum_vector":
-                momentum[int(rest)] = np.asarray(value)
-            elif head in moments:
-                moments[head][rest] = np.asarray(value)
+            if key.endswith("]") and "[" in key:
+                name, _, index = key[:-1].partition("[")
+                lists.setdefault(name, {})[int(index)] = np.asarray(value)
             else:
-                raise FedknError(f"checkpoint holds unknown strategy state '{key}'; was it written by another strategy?")
-        if momentum:
-            if not hasattr(self, "momentum_vector"):
-                raise FedknError("checkpoint holds FedAvgM momentum but the strategy is not fedavgm")
-            self.momentum_vector = [momentum[i] for i in sorted(momentum)]
-        for name, d in moments.items():
-            if d:
-                if not hasattr(self, name):
-                    raise FedknError("checkpoint holds FedAdam moments but the strategy is not fedadam")
-                setattr(self, name, d)
+                name, _, rest = key.partition(".")
+                dicts.setdefault(name, {})[rest] = np.asarray(value)
+        for name in (*lists, *dicts):
+            if name.startswith("_") or not hasattr(self, name):
+                raise FedknError(f"checkpoint holds strategy state '{name}' that {type(self).__name__} does not have; "
+                                 "was it written with another strategy?")
+        for name, items in lists.items():
+            setattr(self, name, [items[i] for i in sorted(items)])
+        for name, d in dicts.items():
+            setattr(self, name, d)
 
 
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Clients' metrics: the mean weighted by examples (``weighted_by_key`` weighs only the arrays),
-    and the maximum for :data:`MAX_METRICS`."""
-    out = aggregate_metricrecords(records, WEIGHT_KEY)
+    and the maximum for :data:`MAX_METRICS`.
+
+    The mean is Flower 1.41's FedAvg metric average restated (its helper is not public API), with
+    the same float operations in the same order: weight factors ``w / sum(w)``, then the running
+    sum of ``value * factor`` in reply order, lists elementwise; the weight itself is left out.
+    """
+    weights = [_first_metric(r, WEIGHT_KEY) for r in records]
+    total = sum(weights)
+    out = MetricRecord()
+    for record, weight in zip(records, [w / total for w in weights], strict=True):
+        for metrics in record.metric_records.values():
+            for key, value in metrics.items():
+                if key == WEIGHT_KEY:
+                    continue
+                term = [v * weight for v in value] if isinstance(value, list) else value * weight
+                prev = out.get(key)
+                if prev is None:
+                    out[key] = term
+                elif isinstance(prev, list) and isinstance(term, list):
+                    out[key] = [a + b for a, b in zip(prev, term, strict=True)]
+                elif isinstance(prev, (int, float)) and isinstance(term, (int, float)):
+                    out[key] = prev + term
+                else:
+                    raise FedknError(f"clients reported metric '{key}' as a list and as a number")
     for key in MAX_METRICS:
-        values = [float(m[key]) for r in records for m in r.metric_records.values() if key in m]  # type: ignore[arg-type]
+        values = [_number(m[key]) for r in records for m in r.metric_records.values() if key in m]
         if values:
             out[key] = max(values)
     return out
 
 
+def _number(value: Any) -> float:
+    """A scalar metric as a float (a list-valued one is a client bug: no number to weigh by)."""
+    if isinstance(value, list):
+        raise FedknError(f"a client reported a list where a number was expected: {value!r}")
+    return float(value)
+
+
+def _first_metric(record: RecordDict, key: str) -> float:
+    """``key`` of the reply's first MetricRecord; 0 when the reply has none or lacks the key."""
+    metrics = next(iter(record.metric_records.values()), None)
+    return 0.0 if metrics is None or key not in metrics else _number(metrics[key])
+
+
 def _weight(msg: Message) -> float:
-    record = next(iter(msg.content.metric_records.values()), None)
-    if record is None or WEIGHT_KEY not in record:
-        return 0.0
-    return float(record[WEIGHT_KEY])  # type: ignore[arg-type]
+    return _first_metric(msg.content, WEIGHT_KEY)
 
 
 def _last_line(text: str) -> str:

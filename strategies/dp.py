@@ -12,8 +12,8 @@ mod), the server averages the ``m`` clipped updates and adds Gaussian noise of s
   ``adaptiveclipping_mod``), which move ``C`` towards the ``target_clipped_quantile`` of update
   norms (Andrew et al. 2021). ``clipping_norm`` is then the *initial* clipping norm.
 
-The wrappers here are Flower's classes with three additions: attributes they lack (fedkn's
-``records``, ``bind``, ...) are forwarded to the wrapped fedkn strategy, a client error stops the
+The wrappers here are Flower's classes with three additions: fedkn's strategy API (``records``,
+``bind``, ``num_partitions``) passes on to the wrapped fedkn strategy, a client error stops the
 run as it does without DP (Flower's wrappers would skip the round), and the checkpointed strategy
 state includes the clipping norm (which adaptive clipping changes every round).
 
@@ -46,17 +46,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
 
 from fedkn.errors import FedknError
 from fedkn.privacy.accounting import check_accountant, check_delta, epsilon
-from strategies.base import UNIFORM_WEIGHT_KEY
+from strategies.base import UNIFORM_WEIGHT_KEY, FedknStrategy, RoundRecord
 from strategies.sampling import sample_size
 
 #: Client-level DP modes ("off" = no client-level DP).
@@ -103,23 +105,28 @@ class ClientDPSettings:
         return self.mode.endswith("adaptive")
 
 
-class _FedknDP:
-    """Mixin placed before a Flower DP wrapper: fedkn's strategy API forwarded to the inner strategy."""
+class _FedknDP(Strategy):
+    """Mixin placed before a Flower DP wrapper: fedkn's strategy API (what the server app uses)
+    passed on to the wrapped fedkn strategy, which Flower's wrapper keeps as ``strategy``."""
 
-    strategy: Any
+    strategy: FedknStrategy
 
-    def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails
-        inner = self.__dict__.get("strategy")
-        if inner is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(inner, name)
+    @property
+    def records(self) -> dict[int, RoundRecord]:
+        return self.strategy.records
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> Any:
+    @property
+    def num_partitions(self) -> int:
+        return self.strategy.num_partitions
+
+    def bind(self, partition_of: Mapping[int, int], *, round_offset: int = 0) -> None:
+        self.strategy.bind(partition_of, round_offset=round_offset)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        checked = getattr(self.strategy, "_checked", None)
-        if checked is not None:  # a client error stops the run with its own line, as without DP
-            checked(replies, server_round + getattr(self.strategy, "round_offset", 0), "train")
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        # A client error stops the run with its own line, as without DP (Flower's wrapper would skip the round).
+        self.strategy.check_replies(replies, server_round + self.strategy.round_offset, "train")
+        return super().aggregate_train(server_round, replies)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The wrapped strategy's state plus the clipping norm (adaptive clipping moves it), for checkpoints."""

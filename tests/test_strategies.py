@@ -307,3 +307,19 @@ def test_lost_supernodes_are_dropped_while_min_clients_reply():
         s.aggregate_train(2, ok[:1])  # the other three never answered within round-timeout
     with pytest.raises(FedknError, match="only 1 of 4 SuperNodes are online"):
         s.configure_train(3, w, ConfigRecord(), FakeGrid([101]))
+
+
+def test_metric_average_is_flowers_own_bit_for_bit():
+    """aggregate_metrics restates Flower's FedAvg metric average (not public API): same floats."""
+    from flwr.app import RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from strategies.base import aggregate_metrics
+
+    rng = np.random.default_rng(0)
+    records = [RecordDict({"metrics": MetricRecord({"num-examples": int(rng.integers(1, 50)),
+                                                     "train-loss": float(rng.random()),
+                                                     "per-class": [float(v) for v in rng.random(3)]})})
+               for _ in range(7)]
+    ours, flowers = aggregate_metrics(records, "num-examples"), aggregate_metricrecords(records, "num-examples")
+    assert dict(ours) == dict(flowers) and "num-examples" not in ours

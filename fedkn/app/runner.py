@@ -8,10 +8,12 @@ Failures of any layer (a client's FedknError, the server's, Flower/Ray infrastru
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from fedkn.config import RunConfig
 from fedkn.errors import DivergedError, FedknError
+from fedkn.recorder import RunSummary
 from fedkn.results import RunDir
 
 
@@ -23,7 +25,7 @@ def run_in_dir(
     verbose: bool = False,
     ray_address: str | None = None,
     on_interrupt: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run (or resume, when ``run_dir`` holds a checkpoint) ``cfg``; return the final summary.
 
     KeyboardInterrupt propagates to the caller. Several calls in one process are fine: each starts
@@ -31,12 +33,12 @@ def run_in_dir(
     """
     # Heavy imports (torch, Flower, Ray) only when a run really starts.
     from fedkn.app import client_app
-    from fedkn.app.server_app import ServerOutcome, make_server_app
+    from fedkn.app.server_app import make_server_app
     from fedkn.app.simulation import simulate
 
     where = f"results so far: {run_dir.path}"
-    outcome = ServerOutcome()
-    server_app = make_server_app(cfg, run_dir, progress=progress, outcome=outcome)
+    result: Future[RunSummary] = Future()
+    server_app = make_server_app(cfg, run_dir, progress=progress, result=result)
     try:
         simulate(
             server_app,
@@ -54,16 +56,21 @@ def run_in_dir(
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 - Flower/Ray infrastructure failure: one line, details in the log
-        if isinstance(outcome.error, FedknError):
-            raise _located(outcome.error, where) from None
+        if isinstance(server_error := _server_error(result), FedknError):
+            raise _located(server_error, where) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FedknError(f"the simulation failed: {first} (details: {run_dir.path / 'flower.log'}; {where})") from None
-    if isinstance(outcome.error, FedknError):  # raised in the server thread but swallowed upstream
-        raise _located(outcome.error, where)
-    summary = outcome.summary
-    if not summary or summary.get("status") != "finished":
-        raise FedknError(f"the run did not finish (status {summary.get('status', 'unknown')}); see {run_dir.path}")
+    if isinstance(server_error := _server_error(result), FedknError):  # raised in the server thread, swallowed upstream
+        raise _located(server_error, where)
+    summary = result.result() if result.done() and server_error is None else RunSummary.read(run_dir.path)
+    if not summary.finished:
+        raise FedknError(f"the run did not finish (status {summary.status}); see {run_dir.path}")
     return summary
+
+
+def _server_error(result: Future[RunSummary]) -> BaseException | None:
+    """The exception that stopped the server app, if it stopped with one."""
+    return result.exception() if result.done() else None
 
 
 def _located(err: FedknError, where: str) -> FedknError:

@@ -17,39 +17,29 @@ wrapper (:mod:`strategies.dp`); its guarantee goes into summary.json.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
-from fedkn import __version__
 from fedkn.app import task
 from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
+from fedkn.recorder import Progress, RunRecorder, RunSummary
 from fedkn.results import RunDir
 from fedkn.train import default_device, evaluate
 from strategies import ClientFailure, RoundRecord, batchnorm_keys, batchnorm_stat_keys, build_strategy, sample_size
 
-Progress = Callable[[dict[str, Any], RunConfig], None]
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
-
-
-@dataclass
-class ServerOutcome:
-    """Filled in by :func:`run_server`, read by ``fedkn run`` after the simulation returns."""
-
-    run_dir: RunDir | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
 
 
 def format_progress(row: dict[str, Any], cfg: RunConfig) -> str:
@@ -127,192 +117,144 @@ def _state_to_tensors(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
+def server_strategy(cfg: RunConfig, model: torch.nn.Module) -> tuple[Strategy, list[str], Callable[[RunSummary], dict[str, Any]]]:
+    """The configured strategy (wrapped for client-level DP), the model keys that stay on the
+    clients, and what a summary adds (the privacy statements, FedBN's note)."""
+    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
+    strategy: Strategy = build_strategy(cfg, local_keys=local_keys, stat_keys=batchnorm_stat_keys(model))
+    sampled = sample_size(cfg.num_clients, cfg.fraction_train)
+    client_dp = None
+    if cfg.client_dp != "off":
+        from strategies.dp import client_level_guarantee, settings_from_config, wrap_strategy
+
+        client_dp = settings_from_config(cfg)
+        strategy = wrap_strategy(strategy, client_dp, num_sampled_clients=sampled, strategy_name=cfg.strategy)
+
+    def extra(summary: RunSummary) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if summary.dp_epsilon is not None:
+            out["dp_statement"] = dp_sgd_statement(cfg, summary.dp_epsilon, summary.rounds_completed)
+        if client_dp is not None:
+            out["client_dp"] = client_level_guarantee(
+                client_dp.noise_multiplier, sampled, cfg.num_clients, summary.rounds_completed, client_dp.delta).as_dict()
+        if cfg.local_keys_stay_local:
+            out["note"] = "FedBN keeps BatchNorm on the clients: use fed_eval (clients' test splits), not test"
+        return out
+
+    return strategy, local_keys, extra
+
+
+class RoundEnd:
+    """Flower's ``evaluate_fn``: after each round, score the global model on the global test set
+    (every ``eval-every`` rounds, never under FedBN, whose global model lacks trained BatchNorm
+    state) and hand the round to the recorder, with the checkpoint."""
+
+    def __init__(self, cfg: RunConfig, strategy: Strategy, recorder: RunRecorder, fed: task.Federation, start_round: int) -> None:
+        self.cfg, self.strategy, self.recorder, self.fed, self.start_round = cfg, strategy, recorder, fed, start_round
+        self.model = task.new_model(cfg, fed.train_set)
+        self.test_pre = task.preprocess(cfg, fed.test_set, train=False)
+
+    def test(self, arrays: ArrayRecord, r: int) -> tuple[float, float]:
+        # eval-every > 1 trades the resolution of the test curve for time (a 10k-image test set can
+        # cost more than a round's training on a CPU); round 0 and the final round are always scored.
+        cfg = self.cfg
+        if cfg.local_keys_stay_local or (r % cfg.eval_every and r != cfg.num_rounds):
+            return math.nan, math.nan
+        task.load_weights(self.model, dict(arrays.to_torch_state_dict()))
+        res = evaluate(self.model, self.fed.test_set, None, cfg.eval_batch_size, default_device(), self.test_pre)
+        return res.loss, res.accuracy
+
+    def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        r = local_round + self.start_round
+        if local_round == 0 and self.start_round > 0:
+            self.recorder.tick()
+            return None  # round `start_round` is already in metrics.csv
+        test_loss, test_acc = self.test(arrays, r)
+        rec = self.strategy.records.pop(r, RoundRecord())
+        checkpoint = (arrays.to_torch_state_dict(), _state_to_tensors(self.strategy.state_dict())) if r > 0 else None
+        self.recorder.round(r, test=(test_loss, test_acc), train=rec.train, evaluate=rec.evaluate,
+                            clients_trained=rec.clients_trained, bytes_sent=rec.bytes_sent, checkpoint=checkpoint)
+        if math.isnan(test_acc):
+            return None
+        return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})
+
+
+def _federate(grid: Grid, cfg: RunConfig, strategy: Strategy, model: torch.nn.Module, round_end: RoundEnd,
+              client_config: dict[str, Any]) -> None:
+    """Find the SuperNodes' partitions, then run the remaining rounds with Flower's strategy loop."""
+    partition_of = discover_partitions(grid, cfg.num_clients, cfg.round_timeout)
+    strategy.bind(partition_of, round_offset=round_end.start_round)
+    remaining = cfg.num_rounds - round_end.start_round
+    if remaining <= 0:
+        return
+    initial = ArrayRecord.from_torch_state_dict(model.state_dict())
+    round_end.recorder.tick()
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=remaining,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord(dict(client_config)),
+        evaluate_config=ConfigRecord(dict(client_config)),
+        evaluate_fn=round_end,
+    )
+
+
+def _failure(err: BaseException, run_dir: RunDir) -> tuple[str, str]:
+    """(status, one-line error) of a run stopped by ``err``; details of unexpected ones go to error.log."""
+    if isinstance(err, ClientFailure):
+        _write_error_log(run_dir, f"{err}\n\n{err.detail}")
+        return "failed", str(err)
+    if isinstance(err, FedknError):
+        return "failed", str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", "interrupted"
+    import traceback
+
+    _write_error_log(run_dir, "".join(traceback.format_exception(err)))
+    return "failed", f"{type(err).__name__}: {err}"
+
+
 def run_server(
     grid: Grid,
     cfg: RunConfig,
     *,
     run_dir: RunDir | None = None,
     progress: Progress | None = print_progress,
-    outcome: ServerOutcome | None = None,
-) -> dict[str, Any]:
-    """Run (or resume, when ``run_dir`` holds a checkpoint) ``cfg`` and write its results."""
-    outcome = outcome if outcome is not None else ServerOutcome()
-    run_dir = run_dir if run_dir is not None else RunDir.create(cfg)
-    outcome.run_dir = run_dir
-    session_start = time.perf_counter()
+    result: Future[RunSummary] | None = None,
+) -> RunSummary:
+    """Run (or resume, when ``run_dir`` holds a checkpoint) ``cfg`` and write its results.
 
+    ``result`` receives the final summary, or the exception that stopped the run: Flower runs
+    this in its own thread and does not pass either back to ``fedkn run``.
+    """
+    run_dir = run_dir if run_dir is not None else RunDir.create(cfg)
     fed = task.federation(cfg)
     model = task.new_model(cfg, fed.train_set)
-    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
-    strategy = build_strategy(cfg, local_keys=local_keys, stat_keys=batchnorm_stat_keys(model))
-    client_dp, sampled = None, sample_size(cfg.num_clients, cfg.fraction_train)
-    if cfg.client_dp != "off":
-        from strategies.dp import client_level_guarantee, settings_from_config, wrap_strategy
-
-        client_dp = settings_from_config(cfg)
-        strategy = wrap_strategy(strategy, client_dp, num_sampled_clients=sampled, strategy_name=cfg.strategy)
-    central = cfg.strategy != "fedbn"  # FedBN's global model has no trained BatchNorm state
-    test_pre = task.preprocess(cfg, fed.test_set, train=False)
-    eval_model = task.new_model(cfg, fed.train_set)
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    start_round, rows = 0, []
+    strategy, local_keys, extra = server_strategy(cfg, model)
+    recorder = RunRecorder(run_dir, cfg, model_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                           device=str(default_device()), centralized=not cfg.local_keys_stay_local,
+                           extra=extra, progress=progress)
     ckpt = run_dir.load_checkpoint()
     if ckpt is not None:
         task.load_weights(model, ckpt.model)
         strategy.load_state_dict({k: v.numpy() for k, v in ckpt.strategy.items()})
-        start_round = ckpt.round
-        rows = run_dir.truncate_metrics(start_round)
-    elif run_dir.metrics_path.exists():
-        rows = run_dir.truncate_metrics(-1)
-    elapsed_before = float(rows[-1]["elapsed_s"]) if rows else 0.0
-    history = list(rows)
-
-    def summary(status: str, error: str | None = None) -> dict[str, Any]:
-        last = history[-1] if history else {}
-        tested = [r for r in history if r["round"] > 0 and not math.isnan(r["test_accuracy"])]
-        best = max(tested, key=lambda r: r["test_accuracy"]) if tested else {}
-        out = {
-            "name": cfg.run_name,
-            "status": status,
-            "run_dir": str(run_dir.path),
-            "rounds_completed": int(last.get("round", 0)),
-            "num_rounds": cfg.num_rounds,
-            "dataset": cfg.dataset,
-            "model": cfg.model,
-            "norm": cfg.norm,
-            "strategy": cfg.strategy,
-            "num_clients": cfg.num_clients,
-            "final_test_accuracy": last.get("test_accuracy"),
-            "final_test_loss": last.get("test_loss"),
-            "final_fed_eval_accuracy": last.get("fed_eval_accuracy"),
-            "final_fed_eval_loss": last.get("fed_eval_loss"),
-            "final_train_loss": last.get("train_loss"),
-            "best_test_accuracy": best.get("test_accuracy"),
-            "best_round": best.get("round"),
-            "total_bytes_sent": int(sum(r["bytes_sent"] for r in history)),
-            "elapsed_s": last.get("elapsed_s", elapsed_before),
-            "model_parameters": num_params,
-            "device": str(default_device()),
-            "centralized_evaluation": central,
-            "fedkn_version": __version__,
-            "config": cfg.to_flower(),
-        }
-        if cfg.dp_sgd:
-            eps = float(last.get("dp_epsilon") or 0.0)
-            out.update(dp_epsilon=eps, dp_delta=cfg.dp_delta,
-                       dp_statement=dp_sgd_statement(cfg, eps, out["rounds_completed"]))
-        if client_dp is not None:
-            out["client_dp"] = client_level_guarantee(
-                client_dp.noise_multiplier, sampled, cfg.num_clients, out["rounds_completed"], client_dp.delta
-            ).as_dict()
-        if not central:
-            out["note"] = "FedBN keeps BatchNorm on the clients: use fed_eval (clients' test splits), not test"
-        if error:
-            out["error"] = error
-        return out
-
-    def centralized(arrays: ArrayRecord, r: int) -> tuple[float, float]:
-        # eval-every > 1 trades the resolution of the test curve for time (a 10k-image test set can
-        # cost more than a round's training on a CPU); round 0 and the final round are always scored.
-        if not central or (r % cfg.eval_every and r != cfg.num_rounds):
-            return math.nan, math.nan
-        task.load_weights(eval_model, dict(arrays.to_torch_state_dict()))
-        res = evaluate(eval_model, fed.test_set, None, cfg.eval_batch_size, default_device(), test_pre)
-        return res.loss, res.accuracy
-
-    clock = {"last": time.perf_counter()}
-
-    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        r = local_round + start_round
-        if local_round == 0 and start_round > 0:
-            clock["last"] = time.perf_counter()
-            return None  # round `start_round` is already in metrics.csv
-        test_loss, test_acc = centralized(arrays, r)
-        rec = strategy.records.pop(r, RoundRecord())
-        now = time.perf_counter()
-        eps_round = eps = math.nan
-        if cfg.dp_sgd:  # a client's cumulative epsilon never falls, so the running max is the max over all clients
-            eps_round = rec.train.get("dp-epsilon-round", 0.0)
-            eps = max(float(history[-1]["dp_epsilon"]) if history else 0.0, rec.train.get("dp-epsilon", 0.0))
-        row = {
-            "round": r,
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "fed_eval_loss": rec.evaluate.get("eval-loss", math.nan),
-            "fed_eval_accuracy": rec.evaluate.get("eval-accuracy", math.nan),
-            "train_loss": rec.train.get("train-loss", math.nan),
-            "train_accuracy": rec.train.get("train-accuracy", math.nan),
-            "clients_trained": rec.clients_trained,
-            "bytes_sent": rec.bytes_sent,
-            "round_time_s": round(now - clock["last"], 3),
-            "elapsed_s": round(elapsed_before + now - session_start, 3),
-            "dp_epsilon_round": eps_round,
-            "dp_epsilon": eps,
-        }
-        clock["last"] = now
-        run_dir.append_metrics(row)
-        history.append(row)
-        if r > 0:
-            run_dir.save_checkpoint(r, arrays.to_torch_state_dict(), _state_to_tensors(strategy.state_dict()))
-        run_dir.write_summary(summary("running"))
-        if progress is not None:
-            progress(row, cfg)
-        if math.isnan(test_acc):
-            return None
-        return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})
-
-    status, error_line = "failed", None
+    recorder.resume(ckpt.round if ckpt is not None else None)
+    round_end = RoundEnd(cfg, strategy, recorder, fed, ckpt.round if ckpt is not None else 0)
+    client_config = {**cfg.to_flower(), **({"client-state-dir": str(run_dir.client_state_dir)} if local_keys else {})}
+    status, error = "failed", None
     try:
-        if hasattr(grid, "pull_interval"):  # simulation's InMemoryGrid polls for replies every 0.1 s
-            grid.pull_interval = min(float(grid.pull_interval), 0.01)
-        partition_of = discover_partitions(grid, cfg.num_clients, cfg.round_timeout)
-        strategy.bind(partition_of, round_offset=start_round)
-        remaining = cfg.num_rounds - start_round
-        if remaining > 0:
-            initial = ArrayRecord.from_torch_state_dict(model.state_dict())
-            record = {**cfg.to_flower()}
-            if local_keys:
-                record["client-state-dir"] = str(run_dir.client_state_dir)
-            clock["last"] = time.perf_counter()
-            strategy.start(
-                grid=grid,
-                initial_arrays=initial,
-                num_rounds=remaining,
-                timeout=cfg.round_timeout,
-                train_config=ConfigRecord(dict(record)),
-                evaluate_config=ConfigRecord(dict(record)),
-                evaluate_fn=evaluate_fn,
-            )
+        _federate(grid, cfg, strategy, model, round_end, client_config)
         status = "finished"
-    except ClientFailure as err:
-        error_line = str(err)
-        _write_error_log(run_dir, f"{err}\n\n{err.detail}")
-        outcome.error = err
-        raise
-    except FedknError as err:
-        error_line = str(err)
-        outcome.error = err
-        raise
-    except KeyboardInterrupt as err:
-        status, error_line = "interrupted", "interrupted"
-        outcome.error = err
-        raise
     except BaseException as err:
-        import traceback
-
-        error_line = f"{type(err).__name__}: {err}"
-        _write_error_log(run_dir, traceback.format_exc())
-        outcome.error = err
+        status, error = _failure(err, run_dir)
+        if result is not None:
+            result.set_exception(err)
         raise
     finally:
-        final = summary(status, error_line)
-        outcome.summary = final
-        try:
-            run_dir.write_summary(final)
-            run_dir.plot(title=f"{cfg.run_name} ({cfg.dataset}, {cfg.num_clients} clients, {cfg.partition})")
-        except Exception as err:  # noqa: BLE001 - results already on disk; a plot failure must not mask the run's error
-            logging.getLogger("fedkn").warning("could not write summary/plot: %s", err)
+        final = recorder.finish(status, error)
+    if result is not None:
+        result.set_result(final)
     return final
 
 
@@ -345,19 +287,20 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"fedkn: {err}") from None
 
 
-def make_server_app(cfg: RunConfig, run_dir: RunDir, *, progress: Progress | None, outcome: ServerOutcome) -> ServerApp:
-    """The same ServerApp for ``fedkn run``, with the parsed config and run directory baked in."""
+def make_server_app(cfg: RunConfig, run_dir: RunDir, *, progress: Progress | None, result: Future[RunSummary]) -> ServerApp:
+    """The same ServerApp for ``fedkn run``, with the parsed config and run directory baked in;
+    ``result`` receives the final summary or the exception that stopped the run."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, run_dir=run_dir, progress=progress, outcome=outcome)
+        run_server(grid, cfg, run_dir=run_dir, progress=progress, result=result)
 
     return server_app
 
 
 __all__ = [
-    "ServerOutcome",
+    "RoundEnd",
     "app",
     "discover_partitions",
     "format_progress",

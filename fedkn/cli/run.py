@@ -84,12 +84,12 @@ def resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
 
 def _mark_interrupted(run_dir: Any) -> None:
     """Record the interruption in summary.json and redraw the plot from the finished rounds."""
-    import json
+    from dataclasses import replace
+
+    from fedkn.recorder import RunSummary
 
     with contextlib.suppress(Exception):  # best effort: metrics.csv and model.pt are already safe on disk
-        summary = json.loads(run_dir.summary_path.read_text()) if run_dir.summary_path.exists() else {}
-        summary["status"] = "interrupted"
-        run_dir.write_summary(summary)
+        run_dir.write_summary(replace(RunSummary.read(run_dir.path), status="interrupted").to_json())
         run_dir.plot()
 
 
@@ -137,16 +137,16 @@ def run_command(args: argparse.Namespace) -> int:
         _interrupted(run_dir)
         return 130
     wall = time.perf_counter() - t0
-    best = f" (best {_pct(s['best_test_accuracy'])} at round {s['best_round']})" if s.get("best_round") is not None else ""
+    best = f" (best {_pct(s.best_test_accuracy)} at round {s.best_round})" if s.best_round is not None else ""
     print(
-        f"done: {s['rounds_completed']} rounds in {wall:.1f}s wall  |  final test acc {_pct(s['final_test_accuracy'])}{best}"
-        f"  |  clients acc {_pct(s['final_fed_eval_accuracy'])}  |  {s['total_bytes_sent'] / 1e6:.1f} MB sent"
+        f"done: {s.rounds_completed} rounds in {wall:.1f}s wall  |  final test acc {_pct(s.final_test_accuracy)}{best}"
+        f"  |  clients acc {_pct(s.final_fed_eval_accuracy)}  |  {s.total_bytes_sent / 1e6:.1f} MB sent"
     )
-    if s.get("dp_statement"):
-        print(f"privacy: {s['dp_statement']}")
-    if s.get("client_dp"):
-        print(f"privacy: {s['client_dp']['statement']}")
-    if s.get("note"):
-        print(f"note: {s['note']}")
+    if s.dp_statement:
+        print(f"privacy: {s.dp_statement}")
+    if s.client_dp:
+        print(f"privacy: {s.client_dp['statement']}")
+    if s.note:
+        print(f"note: {s.note}")
     print(f"results: {run_dir.path}  (metrics.csv, summary.json, metrics.png, model.pt)")
     return 0

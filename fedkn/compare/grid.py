@@ -13,7 +13,6 @@ resumed from its checkpoint by the server app, so an interrupted sweep continues
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 
 from fedkn.config import RULE_NORMS, RunConfig
 from fedkn.errors import FedknError
+from fedkn.summary import RunSummary
 
 #: Default grid of ``fedkn compare``.
 DEFAULT_NORMS: tuple[str, ...] = ("kn", "gn", "ln", "bn", "fedbn", "fixbn", "nf", "none")
@@ -235,13 +235,6 @@ def _differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
     return out
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def cell_state(path: Path, cfg: RunConfig) -> str:
     """``new`` (no directory), ``finished`` or ``partial``; a directory of another config is an error."""
     from fedkn.results import CONFIG_FILE, RunDir
@@ -255,8 +248,8 @@ def cell_state(path: Path, cfg: RunConfig) -> str:
             f"'{path}' holds a run of another config ({'; '.join(diff[:3])}); "
             "use another --out, or --force to re-run it"
         )
-    s = read_summary(path)
-    if s.get("status") == "finished" and int(s.get("rounds_completed") or 0) >= cfg.num_rounds:
+    s = RunSummary.read(path)
+    if s.finished and s.rounds_completed >= cfg.num_rounds:
         return "finished"
     return "partial"
 
@@ -290,7 +283,7 @@ def run_one(
     *,
     progress: Callable[[dict[str, Any], RunConfig], None] | None = None,
     verbose: bool = False,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run (or resume) ``cfg`` into the prepared run directory ``path``; returns its summary.
 
     The same steps as ``fedkn run`` (``fedkn.cli.run.run_command``), with a fixed directory:
@@ -350,7 +343,7 @@ def run_cells(
     force: bool = False,
     verbose: bool = False,
     quiet_rounds: bool = False,
-    on_done: Callable[[Cell, RunConfig, Path, dict[str, Any] | None, BaseException | None], None] | None = None,
+    on_done: Callable[[Cell, RunConfig, Path, RunSummary | None, BaseException | None], None] | None = None,
     catch: Callable[[FedknError], bool] | None = None,
     show_scores: bool = True,
 ) -> list[tuple[Cell, Path, str]]:
@@ -373,7 +366,7 @@ def run_cells(
             print(f"{head}: finished earlier, skipped ({path})", flush=True)
             out.append((cell, path, "skipped"))
             if on_done is not None:
-                on_done(cell, cfg, path, read_summary(path), None)
+                on_done(cell, cfg, path, RunSummary.read(path), None)
             continue
         prepare_dir(path, cfg, force=force)
         print(f"{head}: {'resuming' if state == 'partial' else 'running'} -> {path}", flush=True)
@@ -393,8 +386,7 @@ def run_cells(
         seconds = time.perf_counter() - t0
         done += 1
         eta.add(seconds)
-        acc = summary.get("final_test_accuracy")
-        fed = summary.get("final_fed_eval_accuracy")
+        acc, fed = summary.final_test_accuracy, summary.final_fed_eval_accuracy
         acc_s = f"test acc {100 * acc:.1f}%" if _num(acc) else "test acc n/a"
         fed_s = f"clients acc {100 * fed:.1f}%" if _num(fed) else "clients acc n/a"
         scores = f": {acc_s}, {fed_s}" if show_scores else ""

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fedkn.errors import FedknError
+from fedkn.summary import RunSummary
 
 REPORT_FILE = "report.md"
 TIDY_FILE = "final_metrics.csv"
@@ -177,7 +178,7 @@ class RunRecord:
     lr: float
     status: str
     rows: list[dict[str, float]]
-    summary: dict[str, Any]
+    summary: RunSummary
     path: Path
     num_rounds: int
     eval_every: int = 1
@@ -196,16 +197,16 @@ def _metric_rows(path: Path) -> list[dict[str, float]]:
 
 def load_run(path: Path, target: float) -> RunRecord | None:
     """One run directory as a record with its final figures; None if it is not a run."""
-    from fedkn.compare.grid import norm_label, read_summary
+    from fedkn.compare.grid import norm_label
     from fedkn.results import CONFIG_FILE, RunDir
 
     if not (path / CONFIG_FILE).is_file():
         return None
     cfg = RunDir(path).read_config()
     rows = _metric_rows(path)
-    summary = read_summary(path)
-    status = str(summary.get("status", "missing"))
-    if status == "finished" and int(summary.get("rounds_completed") or 0) < cfg.num_rounds:
+    summary = RunSummary.read(path)
+    status = summary.status
+    if status == "finished" and summary.rounds_completed < cfg.num_rounds:
         status = "partial"
     rec = RunRecord(norm_label(cfg), cfg.partition, cfg.seed, cfg.lr, status, rows, summary, path, cfg.num_rounds, cfg.eval_every)
     trained = [r for r in rows if int(r["round"]) >= 1]
@@ -250,10 +251,10 @@ def load_run(path: Path, target: float) -> RunRecord | None:
         "final_train_loss": last.get("train_loss", math.nan),
         "median_round_time_s": float(np.median(times)) if times else math.nan,
         "elapsed_s": last.get("elapsed_s", math.nan),
-        "model_parameters": summary.get("model_parameters"),
+        "model_parameters": summary.model_parameters,
         "bytes_per_round": float(np.mean(sent)) if sent else math.nan,
         # DP-SGD: the run's cumulative epsilon (max over clients); NaN for non-private runs.
-        "dp_epsilon": float(summary["dp_epsilon"]) if summary.get("dp_epsilon") is not None else math.nan,
+        "dp_epsilon": float(summary.dp_epsilon) if summary.dp_epsilon is not None else math.nan,
     }
     return rec
 
@@ -530,7 +531,7 @@ def build_markdown(
     rows = aggregate(records, norms, partitions)
     finished = [r for r in records if r.finished]
     unfinished = [r for r in records if not r.finished]
-    base = meta.get("base_config") or (finished[0].summary.get("config") if finished else {}) or {}
+    base = meta.get("base_config") or (finished[0].summary.config if finished else {}) or {}
 
     out: list[str] = ["# Normalization comparison", ""]
     if meta.get("note"):

@@ -48,6 +48,7 @@ import numpy as np
 
 from fedkn.config import RunConfig
 from fedkn.errors import DivergedError, FedknError
+from fedkn.summary import RunSummary
 
 SCORE_FILE = "val_score.json"
 DEFAULT_VAL_FRACTION = 0.1
@@ -328,9 +329,7 @@ def planned_rounds(path: Path) -> int | None:
 
 def run_seconds(path: Path) -> float:
     """Wall seconds a run took (its last ``elapsed_s``, which adds up over resumes); nan if unknown."""
-    from fedkn.compare.grid import read_summary
-
-    v = read_summary(path).get("elapsed_s")
+    v = RunSummary.read(path).elapsed_s
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
@@ -387,7 +386,7 @@ def tune(
             return None  # scored earlier (a diverged run is recorded as such and not re-run)
         return ("tune", cell, cfg, path)
 
-    def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: dict[str, Any] | None, err: BaseException | None) -> None:
+    def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: RunSummary | None, err: BaseException | None) -> None:
         if err is not None:
             point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "diverged",
                               math.nan, math.nan, 0, "", path.name, str(getattr(err, "reason", err)))
