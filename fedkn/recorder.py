@@ -18,6 +18,7 @@ import torch
 
 from fedkn import __version__
 from fedkn.config import RunConfig
+from fedkn.protocol import DP_EPSILON, DP_EPSILON_ROUND, EVAL_ACCURACY, EVAL_LOSS, TRAIN_ACCURACY, TRAIN_LOSS
 from fedkn.results import RunDir
 from fedkn.summary import RunSummary
 
@@ -79,16 +80,16 @@ class RunRecorder:
         now = time.perf_counter()
         eps_round = eps = math.nan
         if self.cfg.dp_sgd:  # a client's cumulative epsilon never falls, so the running max is the max over all clients
-            eps_round = train.get("dp-epsilon-round", 0.0)
-            eps = max(float(self.history[-1]["dp_epsilon"]) if self.history else 0.0, train.get("dp-epsilon", 0.0))
+            eps_round = train.get(DP_EPSILON_ROUND, 0.0)
+            eps = max(float(self.history[-1]["dp_epsilon"]) if self.history else 0.0, train.get(DP_EPSILON, 0.0))
         row = {
             "round": r,
             "test_loss": test[0],
             "test_accuracy": test[1],
-            "fed_eval_loss": evaluate.get("eval-loss", math.nan),
-            "fed_eval_accuracy": evaluate.get("eval-accuracy", math.nan),
-            "train_loss": train.get("train-loss", math.nan),
-            "train_accuracy": train.get("train-accuracy", math.nan),
+            "fed_eval_loss": evaluate.get(EVAL_LOSS, math.nan),
+            "fed_eval_accuracy": evaluate.get(EVAL_ACCURACY, math.nan),
+            "train_loss": train.get(TRAIN_LOSS, math.nan),
+            "train_accuracy": train.get(TRAIN_ACCURACY, math.nan),
             "clients_trained": clients_trained,
             "bytes_sent": bytes_sent,
             "round_time_s": round(now - self.last_tick, 3),

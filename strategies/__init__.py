@@ -6,9 +6,8 @@ byte accounting and error handling (:class:`~strategies.base.FedknStrategy`).
 """
 
 from strategies.base import ClientFailure, FedknStrategy, RoundRecord, to_array_record
-from strategies.factory import FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, build_strategy
-from strategies.fedbn import FedBN, batchnorm_keys
-from strategies.fixbn import FixBN, batchnorm_stat_keys, stats_frozen
+from strategies.factory import FedBN, FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, FixBN, build_strategy
+from strategies.fixbn import stats_frozen
 from strategies.sampling import sample_partitions, sample_size
 
 __all__ = [
@@ -21,8 +20,6 @@ __all__ = [
     "FedknStrategy",
     "FixBN",
     "RoundRecord",
-    "batchnorm_keys",
-    "batchnorm_stat_keys",
     "build_strategy",
     "sample_partitions",
     "sample_size",

@@ -35,15 +35,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import Strategy
 
 from fedkn.errors import DivergedError, FedknError
-from fedkn.protocol import ERROR_CODE_DIVERGED, LOST_NODE_CODES
+from fedkn.protocol import ERROR_CODE_DIVERGED, LOST_NODE_CODES, MAX_METRICS, WEIGHT_KEY
 from strategies.sampling import sample_partitions, sample_size
 
-WEIGHT_KEY = "num-examples"
 log = logging.getLogger("fedkn")
-#: Metric every client reports as 1 under client-level DP, so that FedAvg averages the arrays uniformly.
-UNIFORM_WEIGHT_KEY = "dp-weight"
-#: Client metrics aggregated as the maximum over clients: the privacy each client spent (DP-SGD).
-MAX_METRICS: tuple[str, ...] = ("dp-epsilon-round", "dp-epsilon")
 
 
 @dataclass

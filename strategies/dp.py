@@ -58,7 +58,8 @@ from flwr.serverapp.strategy import (
 
 from fedkn.errors import FedknError
 from fedkn.privacy.accounting import check_accountant, check_delta, epsilon
-from strategies.base import UNIFORM_WEIGHT_KEY, FedknStrategy, RoundRecord
+from fedkn.protocol import UNIFORM_WEIGHT_KEY
+from strategies.base import FedknStrategy, RoundRecord
 from strategies.sampling import sample_size
 
 #: Client-level DP modes ("off" = no client-level DP).

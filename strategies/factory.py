@@ -8,7 +8,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
-from strategies.base import UNIFORM_WEIGHT_KEY, FedknStrategy
+from fedkn.protocol import UNIFORM_WEIGHT_KEY
+from strategies.base import FedknStrategy
 from strategies.fedbn import FedBN
 from strategies.fixbn import FixBN
 

@@ -1,11 +1,9 @@
 """FedBN (Li et al., ICLR 2021): BatchNorm layers stay on each client; everything else is FedAvg.
 
-Each client keeps the affine parameters *and* the running statistics (and batch counter) of every
-BatchNorm layer to itself: the server neither sends nor receives them, and averages only the rest,
-weighted by examples. This is BatchNorm's best-known fix for feature-shifted non-IID clients, so
-BatchNorm is compared at its fairest. The global model's BatchNorm entries keep their initial
-values (the server never sees trained ones), so a centralized evaluation of the global model is
-not meaningful under FedBN: fedkn reports the clients' federated evaluation instead.
+BatchNorm's best-known fix for feature-shifted non-IID clients, so BatchNorm is compared at its
+fairest. Which keys stay local and how a client's copy rejoins the global model is
+:mod:`fedkn.local_state`; the server side (never send or expect those keys, keep their global
+value) is :class:`~strategies.base.FedknStrategy`'s ``local_keys``.
 """
 
 from __future__ import annotations
@@ -14,19 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
 
-from fedkn.nn.batchnorm import batchnorm_modules
 from strategies.base import FedknStrategy
-
-
-def batchnorm_keys(model: nn.Module) -> list[str]:
-    """state_dict keys of every BatchNorm module: weight, bias, running_mean/var, num_batches_tracked."""
-    keys: list[str] = []
-    for name, module in batchnorm_modules(model):
-        prefix = f"{name}." if name else ""
-        keys.extend(prefix + k for k in module.state_dict())
-    return keys
 
 
 class FedBN(FedknStrategy, FedAvg):
@@ -35,5 +22,5 @@ class FedBN(FedknStrategy, FedAvg):
     def __init__(self, *args: Any, local_keys: Iterable[str], **kwargs: Any) -> None:
         local = frozenset(local_keys)
         if not local:
-            raise ValueError("FedBN needs the model's BatchNorm keys (see batchnorm_keys); the model has none")
+            raise ValueError("FedBN needs the model's BatchNorm keys (fedkn.local_state.local_keys); the model has none")
         super().__init__(*args, local_keys=local, **kwargs)

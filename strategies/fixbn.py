@@ -31,20 +31,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.serverapp.strategy import FedAvg
-from torch import nn
 
 from fedkn.config import RunConfig
-from fedkn.nn.batchnorm import batchnorm_modules
 from strategies.base import FedknStrategy
-
-
-def batchnorm_stat_keys(model: nn.Module) -> list[str]:
-    """state_dict keys of every BatchNorm module's statistics: running_mean/var, num_batches_tracked."""
-    keys: list[str] = []
-    for name, module in batchnorm_modules(model):
-        prefix = f"{name}." if name else ""
-        keys.extend(prefix + k for k, _ in module.named_buffers(recurse=False))
-    return keys
 
 
 def stats_frozen(cfg: RunConfig, server_round: int) -> bool:

@@ -78,7 +78,7 @@ def test_fedbn_keeps_batchnorm_local_and_resume_matches_uninterrupted_run(tmp_pa
     # FedBN: the server's model keeps its initial BatchNorm state; each client has its own.
     from fedkn.app import task
     from fedkn.config import RunConfig
-    from strategies import batchnorm_keys
+    from fedkn.nn.batchnorm import batchnorm_keys
 
     cfg = RunConfig.from_sources(sets=[s for s in TINY if s != "--set"] + ["norm=fedbn"])
     init = task.new_model(cfg, task.federation(cfg).train_set).state_dict()

@@ -11,8 +11,9 @@ from fedkn.config import RunConfig
 from fedkn.data import load_dataset, preprocess_for
 from fedkn.errors import FedknError
 from fedkn.models import build
+from fedkn.nn.batchnorm import batchnorm_stat_keys
 from fedkn.train import train_local
-from strategies import batchnorm_stat_keys, stats_frozen
+from strategies import stats_frozen
 
 
 def _bn_model(seed: int = 0) -> torch.nn.Module:

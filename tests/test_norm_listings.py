@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedkn.cli import main
-from fedkn.compare.grid import DEFAULT_NORMS, parse_norms
+from fedkn.cli.compare import DEFAULT_NORMS
+from fedkn.compare.grid import parse_norms
 from fedkn.compare.report import norm_legend
 from fedkn.config import RULE_NORMS, RunConfig
 from fedkn.nn.norms import NORMS

@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedkn.config import RunConfig
 from fedkn.errors import DivergedError, FedknError
 from fedkn.models import build
+from fedkn.nn.batchnorm import batchnorm_keys, batchnorm_stat_keys
 from fedkn.protocol import ERROR_CODE_CLIENT, ERROR_CODE_DIVERGED
 from strategies import (
     ClientFailure,
@@ -29,8 +30,6 @@ from strategies import (
     FedknFedAvgM,
     FedknFedProx,
     FixBN,
-    batchnorm_keys,
-    batchnorm_stat_keys,
     build_strategy,
     sample_partitions,
     sample_size,

@@ -31,18 +31,32 @@ from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
 from fedkn.data import Federation, build_federation
 from fedkn.errors import DivergedError, FedknError
-from fedkn.protocol import ERROR_CODE_CLIENT, ERROR_CODE_DIVERGED
+from fedkn.local_state import local_keys, split_local, with_local
+from fedkn.protocol import (
+    ARRAYS_RECORD,
+    CLIENT_STATE_DIR,
+    CONFIG_RECORD,
+    ERROR_CODE_CLIENT,
+    ERROR_CODE_DIVERGED,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
+    EXTRA_KEYS,
+    LOCAL_ROUND,
+    LOCAL_STATE,
+    METRICS_RECORD,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    UNIFORM_WEIGHT_KEY,
+    WEIGHT_KEY,
+)
 from fedkn.results import load_client_state, save_client_state
 from fedkn.train import default_device, evaluate, train_local
-from strategies.base import UNIFORM_WEIGHT_KEY
-from strategies.fedbn import batchnorm_keys
 from strategies.fixbn import stats_frozen
 from strategies.sampling import sample_partitions, sample_size
-
-#: ConfigRecord keys that are not RunConfig fields ("clipping_norm": Flower's client-side DP wrappers).
-EXTRA_KEYS: tuple[str, ...] = ("server-round", "proximal-mu", "client-state-dir", "clipping_norm")
-LOCAL_STATE_KEY = "fedbn-local-state"
-LOCAL_ROUND_KEY = "fedbn-local-round"
 
 app = ClientApp()
 
@@ -71,9 +85,9 @@ def _cached_config(items: frozenset[tuple[str, Any]]) -> RunConfig:
 
 def parse_message_config(msg: Message) -> tuple[RunConfig, dict[str, Any]]:
     """(RunConfig, extras) from the message's ConfigRecord."""
-    if "config" not in msg.content.config_records:
-        raise FedknError("message carries no 'config' record; is the server a fedkn ServerApp?")
-    values = dict(msg.content.config_records["config"])
+    if CONFIG_RECORD not in msg.content.config_records:
+        raise FedknError(f"message carries no '{CONFIG_RECORD}' record; is the server a fedkn ServerApp?")
+    values = dict(msg.content.config_records[CONFIG_RECORD])
     extras = {k: values.pop(k) for k in EXTRA_KEYS if k in values}
     return _cached_config(frozenset(values.items())), extras
 
@@ -81,10 +95,10 @@ def parse_message_config(msg: Message) -> tuple[RunConfig, dict[str, Any]]:
 def partition_of(context: Context, num_clients: int | None = None) -> tuple[int, int]:
     """(partition id, number of partitions) of this node."""
     for source in (context.node_config, context.run_config):
-        if "partition-id" in source:
+        if PARTITION_ID in source:
             try:
-                pid = int(source["partition-id"])
-                total = int(source.get("num-partitions", num_clients or 0))
+                pid = int(source[PARTITION_ID])
+                total = int(source.get(NUM_PARTITIONS, num_clients or 0))
             except (TypeError, ValueError):
                 raise FedknError("node config 'partition-id' and 'num-partitions' must be integers") from None
             break
@@ -121,9 +135,9 @@ def node_federation(cfg: RunConfig, node_config: Any) -> Federation:
 
 def _local_state(context: Context, extras: dict[str, Any], pid: int, up_to_round: int) -> dict[str, torch.Tensor] | None:
     """This client's BatchNorm state (FedBN): Flower's context state, else its on-disk mirror."""
-    if LOCAL_STATE_KEY in context.state.array_records:
-        return dict(context.state.array_records[LOCAL_STATE_KEY].to_torch_state_dict())
-    state_dir = extras.get("client-state-dir")
+    if LOCAL_STATE in context.state.array_records:
+        return dict(context.state.array_records[LOCAL_STATE].to_torch_state_dict())
+    state_dir = extras.get(CLIENT_STATE_DIR)
     if state_dir:  # a resumed run: the Context is new, the disk copy is not
         return load_client_state(state_dir, pid, up_to_round)
     return None
@@ -135,18 +149,16 @@ def _prepare(msg: Message, context: Context, *, for_round: int) -> tuple[RunConf
     pid, _ = partition_of(context, cfg.num_clients)
     fed = node_federation(cfg, context.node_config)
     model = task.cached_model(cfg)
-    if "arrays" not in msg.content.array_records:
-        raise FedknError("message carries no 'arrays' record")
-    state = dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
-    if local_keys:
+    if ARRAYS_RECORD not in msg.content.array_records:
+        raise FedknError(f"message carries no '{ARRAYS_RECORD}' record")
+    state = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
+    keys = local_keys(cfg, model)
+    if keys:
         local = _local_state(context, extras, pid, for_round)
-        if local is None:  # never trained yet: the model's initial BatchNorm state
-            fresh = task.new_model(cfg, fed.train_set).state_dict()
-            local = {k: fresh[k] for k in local_keys}
-        state.update({k: local[k] for k in local_keys})
+        # never trained yet: the model's initial state of those keys
+        state = with_local(state, local if local is not None else task.new_model(cfg, fed.train_set).state_dict(), keys)
     task.load_weights(model, state)
-    return cfg, extras, pid, fed, model, local_keys
+    return cfg, extras, pid, fed, model, keys
 
 
 @app.query()
@@ -154,8 +166,8 @@ def _prepare(msg: Message, context: Context, *, for_round: int) -> tuple[RunConf
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (for seeded client sampling)."""
     pid, total = partition_of(context)
-    metrics = MetricRecord({"partition-id": pid, "num-partitions": total})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({PARTITION_ID: pid, NUM_PARTITIONS: total})
+    return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
 
 
 @app.train()
@@ -175,12 +187,12 @@ def train(msg: Message, context: Context) -> Message:
 @_guard
 def _train(msg: Message, context: Context) -> Message:
     """Load the global model, train locally, return the updated arrays and train metrics."""
-    cfg, extras, pid, fed, model, local_keys = _prepare(msg, context, for_round=int(extras_round(msg)) - 1)
-    server_round = int(extras.get("server-round", 0))
+    cfg, extras, pid, fed, model, kept = _prepare(msg, context, for_round=int(extras_round(msg)) - 1)
+    server_round = int(extras.get(SERVER_ROUND, 0))
     seed = task.client_seed(cfg, server_round, pid)
     torch.manual_seed(seed)  # KernelNorm's dropout (and DP-SGD's noise) draw from the global generator
     generator = torch.Generator().manual_seed(seed)
-    mu = float(extras.get("proximal-mu", cfg.proximal_mu)) if cfg.strategy == "fedprox" else 0.0
+    mu = float(extras.get(PROXIMAL_MU, cfg.proximal_mu)) if cfg.strategy == "fedprox" else 0.0
     idx = fed.client(pid).train
     private = _make_private(cfg, model, len(idx))
     pieces: dict[str, Any] = {"steps": cfg.local_steps or None}
@@ -208,26 +220,24 @@ def _train(msg: Message, context: Context) -> Message:
     finally:
         if private is not None:
             private.close()
-    state = model.state_dict()
-    if local_keys:
-        local = {k: state[k].detach().cpu().clone() for k in local_keys}
-        context.state[LOCAL_STATE_KEY] = ArrayRecord.from_torch_state_dict(local)
-        context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": server_round})
-        if extras.get("client-state-dir"):
-            save_client_state(extras["client-state-dir"], pid, server_round, local)
-    shared = {k: v for k, v in state.items() if k not in local_keys}
+    shared, local = split_local(model.state_dict(), kept)
+    if kept:
+        context.state[LOCAL_STATE] = ArrayRecord.from_torch_state_dict(local)
+        context.state[LOCAL_ROUND] = ConfigRecord({"round": server_round})
+        if extras.get(CLIENT_STATE_DIR):
+            save_client_state(extras[CLIENT_STATE_DIR], pid, server_round, local)
     metrics = MetricRecord(
         {
-            "train-loss": float(result.loss),
-            "train-accuracy": float(result.accuracy),
-            "num-examples": int(result.num_examples),
+            TRAIN_LOSS: float(result.loss),
+            TRAIN_ACCURACY: float(result.accuracy),
+            WEIGHT_KEY: int(result.num_examples),
         }
     )
     if private is not None:
         metrics.update(private.metrics(_privacy_ledger(cfg, pid, server_round, private)))
     if cfg.client_dp != "off":
         metrics[UNIFORM_WEIGHT_KEY] = 1
-    content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(shared), "metrics": metrics})
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord.from_torch_state_dict(shared), METRICS_RECORD: metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -273,16 +283,16 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord(
         {
-            "eval-loss": float(result.loss),
-            "eval-accuracy": float(result.accuracy),
-            "num-examples": int(result.num_examples),
+            EVAL_LOSS: float(result.loss),
+            EVAL_ACCURACY: float(result.accuracy),
+            WEIGHT_KEY: int(result.num_examples),
         }
     )
     if cfg.client_dp != "off":  # Flower's FedAvg wants the weight key in evaluate replies too
         metrics[UNIFORM_WEIGHT_KEY] = 1
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
 
 
 def extras_round(msg: Message) -> int:
-    record = msg.content.config_records.get("config")
-    return int(record.get("server-round", 0)) if record is not None else 0
+    record = msg.content.config_records.get(CONFIG_RECORD)
+    return int(record.get(SERVER_ROUND, 0)) if record is not None else 0

@@ -34,10 +34,13 @@ from fedkn.app import task
 from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
 from fedkn.errors import FedknError
+from fedkn.local_state import local_keys
+from fedkn.nn.batchnorm import batchnorm_stat_keys
+from fedkn.protocol import CLIENT_STATE_DIR, CONFIG_RECORD, NUM_PARTITIONS, PARTITION_ID, TEST_ACCURACY, TEST_LOSS
 from fedkn.recorder import Progress, RunRecorder, RunSummary
 from fedkn.results import RunDir
 from fedkn.train import default_device, evaluate
-from strategies import ClientFailure, RoundRecord, batchnorm_keys, batchnorm_stat_keys, build_strategy, sample_size
+from strategies import ClientFailure, RoundRecord, build_strategy, sample_size
 
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
 
@@ -86,7 +89,7 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
         node_ids = [n for n in grid.get_node_ids() if n not in known]
         if node_ids:
             messages = [
-                Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                Message(content=RecordDict({CONFIG_RECORD: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in node_ids
             ]
             for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
@@ -94,10 +97,10 @@ def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[in
                     reason = str(reply.error.reason).strip().splitlines()[-1] if str(reply.error.reason).strip() else "?"
                     raise FedknError(f"a SuperNode did not say which partition it holds: {reason.removeprefix('FedknError: ')}")
                 metrics = next(iter(reply.content.metric_records.values()))
-                total = int(metrics["num-partitions"])
+                total = int(metrics[NUM_PARTITIONS])
                 if total != num_clients:
                     raise partitions_mismatch(total, num_clients)
-                known[reply.metadata.src_node_id] = int(metrics["partition-id"])
+                known[reply.metadata.src_node_id] = int(metrics[PARTITION_ID])
         if len(known) >= num_clients:
             break
         if time.monotonic() > deadline:
@@ -120,8 +123,8 @@ def _state_to_tensors(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def server_strategy(cfg: RunConfig, model: torch.nn.Module) -> tuple[Strategy, list[str], Callable[[RunSummary], dict[str, Any]]]:
     """The configured strategy (wrapped for client-level DP), the model keys that stay on the
     clients, and what a summary adds (the privacy statements, FedBN's note)."""
-    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
-    strategy: Strategy = build_strategy(cfg, local_keys=local_keys, stat_keys=batchnorm_stat_keys(model))
+    kept = local_keys(cfg, model)
+    strategy: Strategy = build_strategy(cfg, local_keys=kept, stat_keys=batchnorm_stat_keys(model))
     sampled = sample_size(cfg.num_clients, cfg.fraction_train)
     client_dp = None
     if cfg.client_dp != "off":
@@ -141,7 +144,7 @@ def server_strategy(cfg: RunConfig, model: torch.nn.Module) -> tuple[Strategy, l
             out["note"] = "FedBN keeps BatchNorm on the clients: use fed_eval (clients' test splits), not test"
         return out
 
-    return strategy, local_keys, extra
+    return strategy, kept, extra
 
 
 class RoundEnd:
@@ -176,7 +179,7 @@ class RoundEnd:
                             clients_trained=rec.clients_trained, bytes_sent=rec.bytes_sent, checkpoint=checkpoint)
         if math.isnan(test_acc):
             return None
-        return MetricRecord({"test-loss": test_loss, "test-accuracy": test_acc})
+        return MetricRecord({TEST_LOSS: test_loss, TEST_ACCURACY: test_acc})
 
 
 def _federate(grid: Grid, cfg: RunConfig, strategy: Strategy, model: torch.nn.Module, round_end: RoundEnd,
@@ -231,7 +234,7 @@ def run_server(
     run_dir = run_dir if run_dir is not None else RunDir.create(cfg)
     fed = task.federation(cfg)
     model = task.new_model(cfg, fed.train_set)
-    strategy, local_keys, extra = server_strategy(cfg, model)
+    strategy, kept, extra = server_strategy(cfg, model)
     recorder = RunRecorder(run_dir, cfg, model_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                            device=str(default_device()), centralized=not cfg.local_keys_stay_local,
                            extra=extra, progress=progress)
@@ -241,7 +244,7 @@ def run_server(
         strategy.load_state_dict({k: v.numpy() for k, v in ckpt.strategy.items()})
     recorder.resume(ckpt.round if ckpt is not None else None)
     round_end = RoundEnd(cfg, strategy, recorder, fed, ckpt.round if ckpt is not None else 0)
-    client_config = {**cfg.to_flower(), **({"client-state-dir": str(run_dir.client_state_dir)} if local_keys else {})}
+    client_config = {**cfg.to_flower(), **({CLIENT_STATE_DIR: str(run_dir.client_state_dir)} if kept else {})}
     status, error = "failed", None
     try:
         _federate(grid, cfg, strategy, model, round_end, client_config)

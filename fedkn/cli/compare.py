@@ -72,8 +72,13 @@ fixbn-round), nf (normalization-free, FedWon: scaled WS convolutions + AGC), non
 """
 
 
+#: The default grid.
+DEFAULT_NORMS: tuple[str, ...] = ("kn", "gn", "ln", "bn", "fedbn", "fixbn", "nf", "none")
+DEFAULT_PARTITIONS: tuple[str, ...] = ("iid", "dir1.0", "dir0.3", "dir0.1", "shards2")
+DEFAULT_SEEDS = 3
+
+
 def register(subparsers: Any) -> None:
-    from fedkn.compare.grid import DEFAULT_NORMS, DEFAULT_PARTITIONS, DEFAULT_SEEDS
     from fedkn.compare.report import DEFAULT_TARGET
     from fedkn.compare.tuning import (
         DEFAULT_VAL_FRACTION,

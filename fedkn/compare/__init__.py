@@ -8,7 +8,7 @@
 Nothing here is imported by the Flower apps; matplotlib is imported only when plotting.
 """
 
-from fedkn.compare.grid import DEFAULT_NORMS, DEFAULT_PARTITIONS, Cell, expand_grid, parse_only, select
+from fedkn.compare.grid import Cell, expand_grid, parse_only, select
 from fedkn.compare.report import build_report
 
-__all__ = ["DEFAULT_NORMS", "DEFAULT_PARTITIONS", "Cell", "build_report", "expand_grid", "parse_only", "select"]
+__all__ = ["Cell", "build_report", "expand_grid", "parse_only", "select"]

@@ -26,11 +26,6 @@ from fedkn.config import RULE_NORMS, RunConfig
 from fedkn.errors import FedknError
 from fedkn.summary import RunSummary
 
-#: Default grid of ``fedkn compare``.
-DEFAULT_NORMS: tuple[str, ...] = ("kn", "gn", "ln", "bn", "fedbn", "fixbn", "nf", "none")
-DEFAULT_PARTITIONS: tuple[str, ...] = ("iid", "dir1.0", "dir0.3", "dir0.1", "shards2")
-DEFAULT_SEEDS = 3
-
 RUNS_DIR = "runs"
 TUNE_DIR = "tune"
 #: Config keys that may differ between a cell directory's saved config and the wanted one.
@@ -40,7 +35,7 @@ ONLY_KEYS: tuple[str, ...] = ("norm", "partition", "seed")
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid. ``norm`` is the grid's label: ``fedbn`` (a ``RULE_NORMS`` name) stays ``fedbn`` here."""
+    """One run of the grid. ``norm`` is the grid's label: a ``RULE_NORMS`` name (FedBN's, FixBN's) stays that name here."""
 
     norm: str
     partition: str
@@ -220,7 +215,7 @@ def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_
 
 
 def norm_label(cfg: RunConfig) -> str:
-    """The grid label of a run: ``fedbn`` for bn + the FedBN strategy (any ``RULE_NORMS`` name), else the norm."""
+    """The grid label of a run: the ``RULE_NORMS`` name of its layer norm + strategy (FedBN: bn + the FedBN strategy), else the norm."""
     return cfg.strategy if cfg.strategy in RULE_NORMS else cfg.norm
 
 

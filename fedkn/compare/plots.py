@@ -10,18 +10,28 @@ from typing import Any
 
 import numpy as np
 
-#: Fixed colours so a norm looks the same in every plot.
+#: Fixed colours so a norm looks the same in every plot: the layer norms by name, the rule norms
+#: (:data:`fedkn.config.RULE_NORMS`) in their registry order.
 COLORS: dict[str, str] = {
     "kn": "tab:red",
     "gn": "tab:blue",
     "ln": "tab:green",
     "bn": "tab:orange",
-    "fedbn": "tab:purple",
-    "fixbn": "tab:olive",
     "nf": "tab:brown",
     "none": "tab:gray",
     "wsgn": "tab:cyan",
 }
+RULE_COLORS: tuple[str, ...] = ("tab:purple", "tab:olive", "tab:pink")
+
+
+def color(norm: str) -> str | None:
+    """The plot colour of a grid label (None: matplotlib's next one)."""
+    from fedkn.config import RULE_NORMS
+
+    if norm in COLORS:
+        return COLORS[norm]
+    rules = list(RULE_NORMS)
+    return RULE_COLORS[rules.index(norm) % len(RULE_COLORS)] if norm in rules else None
 TITLES = {"test_accuracy": "global test accuracy (centralized)", "fed_eval_accuracy": "clients' test accuracy (federated)"}
 
 
@@ -90,10 +100,10 @@ def plot_accuracy(
             arr = arr[:, scored]
             where = np.asarray(rounds)[scored] if x == "round" else secs[:, scored].mean(axis=0)
             mean = np.nanmean(arr, axis=0)
-            color = COLORS.get(n)
-            ax.plot(where, mean, label=f"{n} (n={arr.shape[0]})", color=color, lw=1.6)
+            c = color(n)
+            ax.plot(where, mean, label=f"{n} (n={arr.shape[0]})", color=c, lw=1.6)
             if arr.shape[0] > 1:
-                ax.fill_between(where, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=color, alpha=0.15, lw=0)
+                ax.fill_between(where, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=c, alpha=0.15, lw=0)
             drew = True
         if target is not None:
             ax.axhline(target, color="k", ls=":", lw=0.8)
@@ -130,12 +140,12 @@ def plot_tuning(tuning: Mapping[str, Any], path: Path) -> Path | None:
             pts = sorted(g["points"], key=lambda x: x["lr"])
             lrs = [x["lr"] for x in pts]
             acc = [x["val_accuracy"] if x["status"] == "ok" and x["val_accuracy"] is not None else math.nan for x in pts]
-            color = COLORS.get(g["norm"])
-            ax.plot(lrs, acc, marker="o", ms=3, label=g["norm"], color=color)
+            c = color(g["norm"])
+            ax.plot(lrs, acc, marker="o", ms=3, label=g["norm"], color=c)
             if math.isfinite(g.get("lr", math.nan)):
                 chosen = [a for lr, a in zip(lrs, acc) if lr == g["lr"]]
                 if chosen:
-                    ax.plot([g["lr"]], chosen, marker="*", ms=11, color=color)
+                    ax.plot([g["lr"]], chosen, marker="*", ms=11, color=c)
         ax.set(xscale="log", title=f"tuning on {p}", xlabel="lr", ylim=(0, 1))
         ticks = sorted({float(x["lr"]) for g in groups if g["partition"] == p for x in g["points"]})
         ax.minorticks_off()

@@ -259,9 +259,9 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
     import torch
 
     from fedkn.app import task
+    from fedkn.local_state import local_keys, with_local
     from fedkn.results import RunDir, load_client_state
     from fedkn.train import default_device, evaluate
-    from strategies import batchnorm_keys
 
     run = RunDir.open(path)
     cfg = run.read_config()
@@ -270,26 +270,24 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
         raise FedknError(f"'{path}' has no checkpoint to score (model.pt)")
     fed, parts, source = validation_indices(cfg)
     model = task.new_model(cfg, fed.train_set)
-    local_keys = batchnorm_keys(model) if cfg.local_keys_stay_local else []
+    kept = local_keys(cfg, model)
     pre = task.preprocess(cfg, fed.train_set, train=False)
     device = default_device()
-    if not local_keys:
+    if not kept:
         task.load_weights(model, dict(ckpt.model))
         idx = np.sort(np.concatenate([np.asarray(p) for p in parts])) if parts else np.array([], dtype=np.int64)
         if idx.size == 0:
             raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
         r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
         return r.accuracy, r.loss, r.num_examples, source
-    fresh = {k: v.clone() for k, v in model.state_dict().items() if k in set(local_keys)}
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k in set(kept)}
     loss_sum, correct, n = 0.0, 0.0, 0
     with torch.no_grad():
         for pid, idx in enumerate(parts):
             if len(idx) == 0:
                 continue
             local = load_client_state(run.client_state_dir, pid, ckpt.round) or fresh
-            state = dict(ckpt.model)
-            state.update({k: local[k] for k in local_keys})
-            task.load_weights(model, state)
+            task.load_weights(model, with_local(dict(ckpt.model), local, kept))
             r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
             loss_sum += r.loss * r.num_examples
             correct += r.accuracy * r.num_examples

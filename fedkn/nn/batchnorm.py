@@ -24,3 +24,13 @@ def batchnorm_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(True for _ in batchnorm_modules(model))
+
+
+def batchnorm_keys(model: nn.Module) -> list[str]:
+    """state_dict keys of every BatchNorm module: weight, bias, running_mean/var, num_batches_tracked."""
+    return [f"{name}.{k}" if name else k for name, m in batchnorm_modules(model) for k in m.state_dict()]
+
+
+def batchnorm_stat_keys(model: nn.Module) -> list[str]:
+    """state_dict keys of every BatchNorm module's statistics: running_mean/var, num_batches_tracked."""
+    return [f"{name}.{k}" if name else k for name, m in batchnorm_modules(model) for k, _ in m.named_buffers(recurse=False)]

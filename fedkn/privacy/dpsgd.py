@@ -45,6 +45,7 @@ from fedkn.errors import FedknError
 from fedkn.privacy import accounting
 from fedkn.privacy.grad_sample import attach, detach
 from fedkn.privacy.validate import validate_model
+from fedkn.protocol import DP_EPSILON, DP_EPSILON_ROUND
 
 
 @dataclass(frozen=True)
@@ -231,13 +232,13 @@ class PrivateTraining:
     def metrics(self, ledger: accounting.PrivacyLedger | None = None) -> dict[str, float | int]:
         """Flat metrics for the client's reply (kebab-case like the other train metrics)."""
         out: dict[str, float | int] = {
-            "dp-epsilon-round": self.round_epsilon(),
+            DP_EPSILON_ROUND: self.round_epsilon(),
             "dp-noise-multiplier": self.noise_multiplier,
             "dp-sample-rate": self.sample_rate,
             "dp-steps": self.steps_taken,
         }
         if ledger is not None:
-            out["dp-epsilon"] = ledger.epsilon()
+            out[DP_EPSILON] = ledger.epsilon()
             out["dp-rounds"] = ledger.rounds_participated
         return out
 
