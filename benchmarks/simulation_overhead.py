@@ -281,10 +281,12 @@ def run_fedkn(
     ``extra`` holds ``run_dir``, ``peak`` (:class:`MemoryPeak`) and ``killed``: pids still alive
     ``exit_timeout`` seconds after the run, then stopped (Ray workers exit on their own within
     seconds of ``ray.shutdown``; a short timeout only saves waiting)."""
+    from concurrent.futures import Future
+
     import pandas as pd
 
     from fedkn.app import client_app
-    from fedkn.app.server_app import ServerOutcome, make_server_app
+    from fedkn.app.server_app import make_server_app
     from fedkn.app.simulation import simulate
     from fedkn.results import RunDir
 
@@ -299,8 +301,8 @@ def run_fedkn(
         if on_round is not None:
             on_round(row)
 
-    outcome = ServerOutcome()
-    server_app = make_server_app(cfg, run_dir, progress=progress, outcome=outcome)
+    result: Future = Future()
+    server_app = make_server_app(cfg, run_dir, progress=progress, result=result)
     try:
         with sampler, ray_stopped_after():
             t0 = time.perf_counter()
@@ -316,10 +318,12 @@ def run_fedkn(
             t_end = time.perf_counter()
     finally:
         killed = wait_for_exit(sampler.peak.seen, exit_timeout)
-    if outcome.error is not None:
-        raise RuntimeError(f"fedkn run failed: {outcome.error}")
-    if outcome.summary.get("status") != "finished":
-        raise RuntimeError(f"fedkn run did not finish: {outcome.summary.get('status')} (see {run_dir.path})")
+    if not result.done():
+        raise RuntimeError(f"fedkn run did not finish (see {run_dir.path})")
+    if result.exception() is not None:
+        raise RuntimeError(f"fedkn run failed: {result.exception()}")
+    if not result.result().finished:
+        raise RuntimeError(f"fedkn run did not finish: {result.result().status} (see {run_dir.path})")
     df = pd.read_csv(run_dir.metrics_path)
     rounds = df[df["round"] >= 1]
     last = df.iloc[-1]
@@ -343,12 +347,9 @@ def run_fedkn(
 def clear_process_caches() -> None:
     """Forget cached datasets/federations/models, so the loop's startup is not flattered by the
     driver's earlier fedkn run (which built them in this process)."""
-    from fedkn.app import task
-    from fedkn.data import datasets, federation
+    from fedkn.cache import WORKER_CACHE
 
-    federation._build_cached.cache_clear()
-    datasets._load_cached.cache_clear()
-    task.cached_model.cache_clear()
+    WORKER_CACHE.clear("federations", "datasets", "models")
 
 
 def fedavg(states: list[dict[str, Any]], weights: list[float]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ phase, :mod:`strategies.fixbn`).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedkn import agc
+from fedkn.cache import WORKER_CACHE
 from fedkn.data import ImageDataset, iterate_batches
 from fedkn.errors import DivergedError, FedknError
 from fedkn.nn.batchnorm import batchnorm_modules, has_batchnorm
@@ -49,7 +49,7 @@ class EvalResult:
     num_examples: int
 
 
-@functools.lru_cache(maxsize=1)
+@WORKER_CACHE.memo("device", 1)
 def default_device() -> torch.device:
     """The GPU when one is visible, the CPU otherwise; decided once per process."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedkn.cache import WORKER_CACHE
 from fedkn.data import embedded
 from fedkn.data.datasets import DATASETS, ImageDataset, load_dataset
 from fedkn.data.idx import FMNIST_SYSTEM_DIR
@@ -34,7 +35,7 @@ def test_digits_split_is_disjoint_stratified_and_fixed() -> None:
     assert np.array_equal(np.union1d(train_idx, test_idx), np.arange(len(labels)))
     fractions = np.bincount(labels[test_idx]) / np.bincount(labels)
     assert np.all(np.abs(fractions - 0.2) < 0.01)
-    embedded._digits_all.cache_clear()
+    WORKER_CACHE.clear("digits")
     again = embedded._digits_all()
     assert np.array_equal(again[3], test_idx)  # independent of any run seed or call order
 

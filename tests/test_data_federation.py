@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedkn.data import federation
+from fedkn.cache import WORKER_CACHE
 from fedkn.data.datasets import load_dataset
 from fedkn.data.federation import build_federation
 from fedkn.data.partition import parse_partition, partition
@@ -37,7 +37,7 @@ def test_local_test_split_is_stratified() -> None:
 def test_deterministic_cached_and_seed_dependent() -> None:
     a = build_federation("digits", 5, "iid", 7)
     assert build_federation("digits", 5, "iid", 7) is a  # cached: same object
-    federation._build_cached.cache_clear()
+    WORKER_CACHE.clear("federations")
     b = build_federation("digits", 5, "iid", 7)
     assert b is not a
     for x, y in zip(a.clients, b.clients):

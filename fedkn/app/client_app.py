@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from fedkn.app import task
 from fedkn.app.engine import partitions_mismatch
+from fedkn.cache import WORKER_CACHE
 from fedkn.config import RunConfig
 from fedkn.data import Federation, build_federation
 from fedkn.errors import DivergedError, FedknError
@@ -78,7 +79,7 @@ def _guard(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
     return wrapper
 
 
-@functools.lru_cache(maxsize=8)
+@WORKER_CACHE.memo("message-configs", 8)
 def _cached_config(items: frozenset[tuple[str, Any]]) -> RunConfig:
     return RunConfig.from_flower(dict(items))
 

@@ -5,12 +5,11 @@ No Flower here; cached per process (a Ray worker serves many clients and rounds)
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from torch import nn
 
+from fedkn.cache import WORKER_CACHE
 from fedkn.config import RunConfig
 from fedkn.data import Federation, ImageDataset, Preprocess, build_federation, preprocess_for
 from fedkn.errors import FedknError
@@ -45,7 +44,7 @@ def new_model(cfg: RunConfig, dataset: ImageDataset) -> nn.Module:
         )
 
 
-@functools.lru_cache(maxsize=2)
+@WORKER_CACHE.memo("models", 2)
 def cached_model(cfg: RunConfig) -> nn.Module:
     """One model object per process and config, reloaded with new weights for every message."""
     return new_model(cfg, federation(cfg).train_set)

@@ -12,7 +12,6 @@ never downloaded.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedkn.cache import WORKER_CACHE
 from fedkn.data import cifar, embedded, idx
 from fedkn.errors import FedknError
 
@@ -100,7 +100,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[st
     return _load_cached(name, split, None if data_dir is None else str(Path(data_dir).expanduser().resolve()))
 
 
-@functools.lru_cache(maxsize=8)
+@WORKER_CACHE.memo("datasets", 8)
 def _load_cached(name: str, split: str, data_dir: str | None) -> ImageDataset:
     loader: Callable[[str, str | None], tuple[np.ndarray, np.ndarray, tuple[str, ...]]] = _LOADERS[name]
     images, labels, classes = loader(split, data_dir)

@@ -8,13 +8,14 @@ fixed seed that is independent of any run seed, so the global test set is the sa
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fedkn.cache import WORKER_CACHE
 
 DIGITS_SIZE = 16
 DIGITS_TEST_FRACTION = 0.2
@@ -23,7 +24,7 @@ DIGITS_SPLIT_SEED = 20240607
 DIGITS_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 
-@functools.lru_cache(maxsize=1)
+@WORKER_CACHE.memo("digits", 1)
 def _digits_all() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 (N,1,16,16), labels int64, train indices, test indices), built once."""
     pixels, target = _read_sklearn_digits()
@@ -68,7 +69,7 @@ def load_digits(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return images[sel], labels[sel], DIGITS_CLASSES
 
 
-@functools.lru_cache(maxsize=1)
+@WORKER_CACHE.memo("digits-stats", 1)
 def digits_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) of the train split, in [0, 1] pixel units."""
     images, _, _ = load_digits("train")

@@ -7,7 +7,6 @@ client (and Ray worker) rebuilds it each round from the same run config.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkn.cache import WORKER_CACHE
 from fedkn.data.datasets import ImageDataset, load_dataset
 from fedkn.data.partition import parse_partition, resolve_params
 from fedkn.data.partition import partition as split_among_clients
@@ -100,7 +100,7 @@ def build_federation(
     )
 
 
-@functools.lru_cache(maxsize=4)
+@WORKER_CACHE.memo("federations", 4)
 def _build_cached(
     dataset: str,
     num_clients: int,

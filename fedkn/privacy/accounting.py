@@ -27,7 +27,6 @@ client sends. Because clients' datasets are disjoint, each client has its own gu
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedkn.cache import WORKER_CACHE
 from fedkn.errors import FedknError
 
 #: Opacus accountant mechanisms fedkn offers.
@@ -148,7 +148,7 @@ def calibrate_noise(
         ) from None
 
 
-@functools.lru_cache(maxsize=256)
+@WORKER_CACHE.memo("dp-noise-calibrations", 256)
 def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
                tolerance: float) -> float:
     """Cached: the binary search takes seconds, and every client repeats it every round."""
