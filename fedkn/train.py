@@ -148,6 +148,17 @@ def train_step(
     return float(loss.detach()) * y.numel(), correct
 
 
+def _check_local_args(model: nn.Module, batch_size: int, epochs: int, steps: int | None, agc_clip: float) -> None:
+    """Reject local-training settings that cannot run, before any work."""
+    check_batch_size(model, batch_size)
+    if steps is not None and steps < 1:
+        raise FedknError(f"local steps must be at least 1, got {steps}")
+    if epochs < 1:
+        raise FedknError(f"local epochs must be at least 1, got {epochs}")
+    if agc_clip < 0:
+        raise FedknError(f"agc clip must be 0 (off) or positive, got {agc_clip}")
+
+
 def train_local(
     model: nn.Module,
     dataset: ImageDataset,
@@ -179,11 +190,7 @@ def train_local(
     ``freeze_batchnorm_stats`` trains with BatchNorm normalizing by the running statistics the model
     arrived with, leaving them unchanged (FixBN, :mod:`strategies.fixbn`).
     """
-    check_batch_size(model, batch_size)
-    if steps is not None and steps < 1:
-        raise FedknError(f"local steps must be at least 1, got {steps}")
-    if epochs < 1:
-        raise FedknError(f"local epochs must be at least 1, got {epochs}")
+    _check_local_args(model, batch_size, epochs, steps, agc_clip)
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
     indices = np.asarray(indices)
@@ -194,8 +201,6 @@ def train_local(
     elif global_params is not None:
         global_params = {n: t.detach().to(device) for n, t in global_params.items()}
 
-    if agc_clip < 0:
-        raise FedknError(f"agc clip must be 0 (off) or positive, got {agc_clip}")
     optimizer = make_optimizer_fn(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if agc_clip > 0:
         agc.attach(optimizer, model, agc_clip)

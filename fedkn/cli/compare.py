@@ -14,9 +14,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedkn.errors import FedknError
+
+if TYPE_CHECKING:  # the CLI imports the compare package only when the command runs
+    from fedkn.compare.tuning import TuneSpec
+    from fedkn.config import RunConfig
 
 DESCRIPTION = """\
 Run one federated configuration over a grid of normalizations x partitions x seeds, with
@@ -152,37 +156,11 @@ def canonical_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def compare_command(args: argparse.Namespace) -> int:
-    from fedkn.compare.grid import (
-        RUNS_DIR,
-        canonical_partition,
-        cell_config,
-        expand_grid,
-        fmt_duration,
-        parse_norms,
-        parse_partitions,
-        parse_seeds,
-        run_cells,
-        select,
-    )
-    from fedkn.compare.report import build_report, write_meta
+def _tune_spec(args: argparse.Namespace, base: RunConfig, partitions: list[str], seeds: list[int]) -> TuneSpec | None:
+    """The --lr-grid step as a TuneSpec (None without --lr-grid), every tuning option checked."""
+    from fedkn.compare.grid import canonical_partition
     from fedkn.compare.tuning import DEFAULT_VAL_FRACTION, TuneSpec, parse_lr_grid
-    from fedkn.config import RunConfig
 
-    # --- everything is checked before anything runs -------------------------------------------------
-    base = RunConfig.from_sources(args.config, None, args.sets)
-    norms = parse_norms(args.norms)
-    partitions = parse_partitions(args.partitions)
-    seeds = parse_seeds(args.seeds)
-    if not 0.0 < args.target <= 1.0:
-        raise FedknError(f"--target must be an accuracy in (0, 1], got {args.target:g}")
-    cells = expand_grid(norms, partitions, seeds)
-    selected = select(cells, args.only)
-    out = Path(args.out)
-    for c in cells:  # every cell's config must be valid (e.g. batch-size 1 with bn)
-        cell_config(base, c)
-
-    spec: TuneSpec | None = None
     if args.lr_grid is not None:
         grid = parse_lr_grid(args.lr_grid)
         rounds = args.tune_rounds if args.tune_rounds is not None else max(1, base.num_rounds // 2)
@@ -201,10 +179,54 @@ def compare_command(args: argparse.Namespace) -> int:
         vf = args.val_fraction
         if vf is not None and not 0.0 <= vf < 1.0:
             raise FedknError(f"--val-fraction must be in [0, 1), got {vf:g}")
-        spec = TuneSpec(tuple(grid), rounds, tune_seed, on, vf if vf is not None else DEFAULT_VAL_FRACTION)
-    elif any(x is not None for x in (args.tune_rounds, args.tune_seed, args.val_fraction)) or args.tune_on != "all":
+        return TuneSpec(tuple(grid), rounds, tune_seed, on, vf if vf is not None else DEFAULT_VAL_FRACTION)
+    if any(x is not None for x in (args.tune_rounds, args.tune_seed, args.val_fraction)) or args.tune_on != "all":
         raise FedknError("--tune-rounds/--tune-seed/--tune-on/--val-fraction only apply with --lr-grid")
+    return None
 
+
+def _cell_jobs(base: RunConfig, cells: list[Any], spec: TuneSpec | None, lrs: dict[tuple[str, str], float],
+               out: Path) -> list[tuple[str, Any, RunConfig, Path]]:
+    """The grid's run jobs, each cell at its tuned lr (the base lr without tuning)."""
+    from fedkn.compare.grid import RUNS_DIR, cell_config
+
+    jobs = []
+    for c in cells:
+        if spec is not None:
+            c = type(c)(c.norm, c.partition, c.seed, lrs[(c.norm, spec.group_partition(c.partition))])
+        jobs.append(("cell", c, cell_config(base, c, output_dir=out / RUNS_DIR), out / RUNS_DIR / c.name))
+    return jobs
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from fedkn.compare.grid import (
+        RUNS_DIR,
+        cell_config,
+        expand_grid,
+        fmt_duration,
+        parse_norms,
+        parse_partitions,
+        parse_seeds,
+        run_cells,
+        select,
+    )
+    from fedkn.compare.report import build_report, write_meta
+    from fedkn.config import RunConfig
+
+    # --- everything is checked before anything runs -------------------------------------------------
+    base = RunConfig.from_sources(args.config, None, args.sets)
+    norms = parse_norms(args.norms)
+    partitions = parse_partitions(args.partitions)
+    seeds = parse_seeds(args.seeds)
+    if not 0.0 < args.target <= 1.0:
+        raise FedknError(f"--target must be an accuracy in (0, 1], got {args.target:g}")
+    cells = expand_grid(norms, partitions, seeds)
+    selected = select(cells, args.only)
+    out = Path(args.out)
+    for c in cells:  # every cell's config must be valid (e.g. batch-size 1 with bn)
+        cell_config(base, c)
+
+    spec = _tune_spec(args, base, partitions, seeds)
     groups = list(dict.fromkeys((c.norm, spec.group_partition(c.partition)) for c in selected)) if spec else []
     print(
         f"fedkn compare: {len(norms)} norms x {len(partitions)} partitions x {len(seeds)} seeds = {len(cells)} cells"
@@ -226,16 +248,11 @@ def compare_command(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FedknError(f"cannot create '{out}': {err.strerror or err}") from None
-    meta = {
-        "command": canonical_command(args),
-        "norms": norms,
-        "partitions": partitions,
-        "seeds": seeds,
-        "target": args.target,
+    write_meta(out, {
+        "command": canonical_command(args), "norms": norms, "partitions": partitions, "seeds": seeds, "target": args.target,
         "base_config": base.to_flower(),
         "tuning": None if spec is None else {"grid": list(spec.grid), "rounds": spec.rounds, "seed": spec.seed, "on": spec.on},
-    }
-    write_meta(out, meta)
+    })
 
     t0 = time.perf_counter()
     try:
@@ -245,13 +262,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
             choices = tune(base, groups, spec, out, verbose=args.verbose)  # scored tuning runs are reused
             lrs = {k: c.lr for k, c in choices.items()}
-        jobs = []
-        for c in selected:
-            if spec is not None:
-                c = type(c)(c.norm, c.partition, c.seed, lrs[(c.norm, spec.group_partition(c.partition))])
-            cfg = cell_config(base, c, output_dir=out / RUNS_DIR)
-            jobs.append(("cell", c, cfg, out / RUNS_DIR / c.name))
-        results = run_cells(jobs, force=args.force, verbose=args.verbose)
+        results = run_cells(_cell_jobs(base, selected, spec, lrs, out), force=args.force, verbose=args.verbose)
     except KeyboardInterrupt:
         print("fedkn compare: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
         _try_report(out)

@@ -533,6 +533,43 @@ def build_markdown(
     unfinished = [r for r in records if not r.finished]
     base = meta.get("base_config") or (finished[0].summary.config if finished else {}) or {}
 
+    out = _intro_markdown(meta, base, finished, unfinished, norms, target)
+    private = any(math.isfinite(r.epsilon) for r in rows)
+    if private:
+        delta = base.get("dp-delta", "?")
+        out += [(f"- **ε**: DP-SGD privacy budget at δ={delta}, cumulative over the run, largest over clients and "
+                "seeds; cells with the same target epsilon are compared at equal privacy. Learning-rate tuning on "
+                "validation data is not counted in this budget."), ""]
+    out += _partition_tables(rows, partitions, target, private)
+    out += _convergence_markdown(rows, finished, partitions)
+
+    out += _paired_markdown(records, partitions)
+    notes = _ordering_notes(rows, partitions)
+    if notes:
+        out += ["## Ordering", "", ("Means over seeds, highest first (checks against the papers' expected ordering "
+                "KN >= GN/LN > none; a 'yes' on the means alone is not significant, see the paired intervals):"), ""]
+        out += notes + [""]
+
+    if tuning:
+        out += _tuning_markdown(tuning, sum(finite(r.figures["elapsed_s"] for r in finished)))
+
+    if plots:
+        out += ["## Plots", ""]
+        out += [f"![{Path(p).stem}]({p})" for p in plots]
+        out.append("")
+
+    if meta.get("command") and finished:
+        out += _rerun_markdown(str(meta["command"]), finished[0], bool(meta.get("tuning")))
+    if unfinished:
+        out += ["## Unfinished runs", ""]
+        out += [f"- {r.path.name}: {r.status} ({len([x for x in r.rows if x['round'] >= 1])}/{r.num_rounds} rounds)" for r in unfinished]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _intro_markdown(meta: Mapping[str, Any], base: Mapping[str, Any], finished: Sequence[RunRecord],
+                    unfinished: Sequence[RunRecord], norms: Sequence[str], target: float) -> list[str]:
+    """The title, the command, the setup and what every column means."""
     out: list[str] = ["# Normalization comparison", ""]
     if meta.get("note"):
         out += [f"> {line}".rstrip() for line in str(meta["note"]).splitlines()] + [""]
@@ -572,12 +609,12 @@ def build_markdown(
         "- **norms**: " + norm_legend(norms) + ".",
         "",
     ]
-    private = any(math.isfinite(r.epsilon) for r in rows)
-    if private:
-        delta = base.get("dp-delta", "?")
-        out += [(f"- **ε**: DP-SGD privacy budget at δ={delta}, cumulative over the run, largest over clients and "
-                "seeds; cells with the same target epsilon are compared at equal privacy. Learning-rate tuning on "
-                "validation data is not counted in this budget."), ""]
+    return out
+
+
+def _partition_tables(rows: Sequence[Any], partitions: Sequence[str], target: float, private: bool) -> list[str]:
+    """One table per partition: every norm's figures, mean ± std over seeds."""
+    out: list[str] = []
     for p in partitions:
         prow = [r for r in rows if r.partition == p]
         if not prow:
@@ -602,8 +639,12 @@ def build_markdown(
         )
         out.append("")
 
-    out += _convergence_markdown(rows, finished, partitions)
+    return out
 
+
+def _paired_markdown(records: Sequence[RunRecord], partitions: Sequence[str]) -> list[str]:
+    """The paired differences of the reference norm against every other norm, per partition."""
+    out: list[str] = []
     paired_lines = []
     for p in partitions:
         for pd in paired_differences(records, p):
@@ -619,27 +660,7 @@ def build_markdown(
         out += _table(["partition", "other norm", "metric", "mean diff", "95% CI", "seeds", "per seed"], paired_lines)
         out.append("")
 
-    notes = _ordering_notes(rows, partitions)
-    if notes:
-        out += ["## Ordering", "", ("Means over seeds, highest first (checks against the papers' expected ordering "
-                "KN >= GN/LN > none; a 'yes' on the means alone is not significant, see the paired intervals):"), ""]
-        out += notes + [""]
-
-    if tuning:
-        out += _tuning_markdown(tuning, sum(finite(r.figures["elapsed_s"] for r in finished)))
-
-    if plots:
-        out += ["## Plots", ""]
-        out += [f"![{Path(p).stem}]({p})" for p in plots]
-        out.append("")
-
-    if meta.get("command") and finished:
-        out += _rerun_markdown(str(meta["command"]), finished[0], bool(meta.get("tuning")))
-    if unfinished:
-        out += ["## Unfinished runs", ""]
-        out += [f"- {r.path.name}: {r.status} ({len([x for x in r.rows if x['round'] >= 1])}/{r.num_rounds} rounds)" for r in unfinished]
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    return out
 
 
 def _windows(records: Sequence[RunRecord], window: Any) -> str:
