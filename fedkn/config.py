@@ -14,6 +14,7 @@ unknown name) raises :class:`~fedkn.errors.FedknError` with one line saying what
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tomllib
@@ -244,6 +245,17 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def _integer(value: Any) -> int:
+    """An int, a whole float, or a string of an int (not of a float: "1.5" and "1.0" are rejected)."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise TypeError(value)
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn ``value`` into the field's type; strings (from ``--set``) are parsed."""
     kind = _FIELDS[name].type
@@ -254,30 +266,12 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise FedknError(f"config key '{key}' must be true or false, got {value!r}")
-    if kind == "int":
-        if isinstance(value, bool):
-            raise FedknError(f"config key '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise FedknError(f"config key '{key}' must be an integer, got {value!r}")
-    if kind == "float":
-        if isinstance(value, bool):
-            raise FedknError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise FedknError(f"config key '{key}' must be a number, got {value!r}")
+    if kind in ("int", "float"):
+        what = "an integer" if kind == "int" else "a number"
+        if not isinstance(value, bool):  # a bool is an int to Python, never to a config
+            with contextlib.suppress(ValueError, TypeError):
+                return _integer(value) if kind == "int" else float(value)
+        raise FedknError(f"config key '{key}' must be {what}, got {value!r}")
     if kind == "str":
         if isinstance(value, str):
             return value

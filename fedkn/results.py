@@ -69,9 +69,10 @@ class Checkpoint:
     strategy: dict[str, torch.Tensor]  # server optimizer state (FedAvgM momentum, FedAdam moments)
 
 
-def _fmt(value: Any) -> str:
+def csv_cell(value: Any, missing: str = "nan") -> str:
+    """One CSV cell: floats exactly (``repr``), NaN as ``nan``, None as ``missing``."""
     if value is None:
-        return "nan"
+        return missing
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)
     return str(value)
@@ -91,6 +92,12 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.config_path = self.path / CONFIG_FILE
+        self.metrics_path = self.path / METRICS_FILE
+        self.summary_path = self.path / SUMMARY_FILE
+        self.plot_path = self.path / PLOT_FILE
+        self.checkpoint_path = self.path / CHECKPOINT_FILE
+        self.client_state_dir = self.path / CLIENT_STATE_DIR
 
     # -- creation / opening ------------------------------------------------------------------------
     @classmethod
@@ -126,31 +133,6 @@ class RunDir:
             raise FedknError(f"'{path}' is not a fedkn run directory (no {CONFIG_FILE})")
         return cls(p.resolve())
 
-    # -- paths -------------------------------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def plot_path(self) -> Path:
-        return self.path / PLOT_FILE
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT_FILE
-
-    @property
-    def client_state_dir(self) -> Path:
-        return self.path / CLIENT_STATE_DIR
-
     # -- config --------------------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> None:
         import tomli_w
@@ -175,7 +157,7 @@ class RunDir:
             writer = csv.writer(f)
             if new:
                 writer.writerow(METRIC_COLUMNS)
-            writer.writerow([_fmt(row.get(c, 0 if c in _INT_COLUMNS else None)) for c in METRIC_COLUMNS])
+            writer.writerow([csv_cell(row.get(c, 0 if c in _INT_COLUMNS else None)) for c in METRIC_COLUMNS])
             f.flush()
             os.fsync(f.fileno())
 
@@ -203,7 +185,7 @@ class RunDir:
             writer = csv.writer(buf)
             writer.writerow(METRIC_COLUMNS)
             for r in rows:
-                writer.writerow([_fmt(r.get(c)) for c in METRIC_COLUMNS])
+                writer.writerow([csv_cell(r.get(c)) for c in METRIC_COLUMNS])
             tmp_text.append(buf.getvalue())
         _atomic_write_bytes(self.metrics_path, "".join(tmp_text).encode("utf-8"))
         return rows

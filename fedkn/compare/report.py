@@ -272,6 +272,8 @@ def load_runs(runs_dir: Path, target: float) -> list[RunRecord]:
 
 
 def write_tidy(records: Sequence[RunRecord], path: Path, root: Path) -> None:
+    from fedkn.results import csv_cell
+
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(TIDY_COLUMNS)
@@ -286,15 +288,7 @@ def write_tidy(records: Sequence[RunRecord], path: Path, root: Path) -> None:
                 "run": os.path.relpath(r.path, root),
                 **fig,
             }
-            w.writerow([_csv(row.get(c)) for c in TIDY_COLUMNS])
-
-
-def _csv(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
+            w.writerow([csv_cell(row.get(c), missing="") for c in TIDY_COLUMNS])
 
 
 # --------------------------------------------------------------------------------------------------

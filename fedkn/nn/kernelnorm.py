@@ -24,6 +24,7 @@ eval mode has no dropout, so evaluation is deterministic.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -126,15 +127,24 @@ def unit_moments(
     return mean, (mean_sq - mean * mean).clamp_min(0.0)
 
 
+@dataclass(frozen=True)
+class UnitGeometry:
+    """Where a KNConv2d's units lie and how they are standardized: the window (``kernel_size``), its
+    step (``stride``), the zero padding of the input (left, right, top, bottom), the convolution's
+    ``groups`` and the variance's ``eps``."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    groups: int
+    eps: float
+
+
 def kn_conv2d_reference(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    groups: int,
-    eps: float,
+    units: UnitGeometry,
     dropped: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
@@ -145,9 +155,9 @@ def kn_conv2d_reference(
     come from the dropped-out input (training mode), the convolution from the original one.
     Autograd differentiates through the statistics too.
     """
-    mean, var = unit_moments(dropped_out(x, dropped, dropout_p), kernel_size, stride, padding)
-    conv = F.conv2d(F.pad(x, padding), weight, None, stride, groups=groups)
-    out = (conv - mean * weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)) * torch.rsqrt(var + eps)
+    mean, var = unit_moments(dropped_out(x, dropped, dropout_p), units.kernel_size, units.stride, units.padding)
+    conv = F.conv2d(F.pad(x, units.padding), weight, None, units.stride, groups=units.groups)
+    out = (conv - mean * weight.sum(dim=(1, 2, 3)).view(1, -1, 1, 1)) * torch.rsqrt(var + units.eps)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -283,8 +293,8 @@ class KNConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fused = self._fused(x)
         dropped = draw_statistics_dropout(x, self.dropout_p, self.training)
-        args = (x, self.weight, self.bias, self.kernel_size, self.stride, self.padding, self.groups, self.eps,
-                dropped, self.dropout_p)
+        units = UnitGeometry(self.kernel_size, self.stride, self.padding, self.groups, self.eps)
+        args = (x, self.weight, self.bias, units, dropped, self.dropout_p)
         return kn_cpu.kn_conv2d(*args) if fused else kn_conv2d_reference(*args)
 
     def _fused(self, x: Tensor) -> bool:

@@ -27,11 +27,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from fedkn.nn.kernelnorm import UnitGeometry
 
 _SOURCE = Path(__file__).with_name("kn_cpu.cpp")
 # -march=native for this machine's vector units (the cache key includes the CPU, see _cpu_id); the
@@ -164,15 +168,12 @@ def kn_conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    groups: int,
-    eps: float,
+    units: UnitGeometry,
     dropped: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """:func:`fedkn.nn.kernelnorm.kn_conv2d_reference` on the fused kernels (same arguments, same result)."""
+    kernel_size, stride, padding, groups, eps = units.kernel_size, units.stride, units.padding, units.groups, units.eps
     x = x.contiguous()
     left, right, top, bottom = padding
     if left == right and top == bottom:  # the convolution pads; the kernels treat outside as zeros
