@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -61,6 +61,9 @@ from fedkn.privacy.accounting import check_accountant, check_delta, epsilon
 from fedkn.protocol import UNIFORM_WEIGHT_KEY
 from strategies.base import FedknStrategy, RoundRecord
 from strategies.sampling import sample_size
+
+if TYPE_CHECKING:  # config validation calls into this module
+    from fedkn.config import RunConfig
 
 #: Client-level DP modes ("off" = no client-level DP).
 MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
@@ -168,11 +171,7 @@ def wrap_strategy(
     """
     if not settings.enabled:
         return strategy
-    if strategy_name not in AVERAGING_STRATEGIES:
-        raise FedknError(
-            f"client-level DP needs a strategy that averages client models ({', '.join(AVERAGING_STRATEGIES)}); "
-            f"strategy '{strategy_name}' changes the aggregate after averaging or keeps layers local"
-        )
+    check_strategy(strategy_name)
     key = getattr(strategy, "weighted_by_key", None)
     if key != UNIFORM_WEIGHT_KEY:
         raise FedknError(
@@ -204,35 +203,33 @@ def check_adaptive(settings: ClientDPSettings, num_sampled_clients: int) -> None
         )
 
 
-def settings_from_config(cfg: Any) -> ClientDPSettings:
-    """:class:`ClientDPSettings` from a RunConfig's ``client-dp*`` keys (mode ``off`` if absent).
-
-    Keys (snake_case attributes): ``client_dp`` (one of :data:`MODES`), ``client_dp_noise_multiplier``,
-    ``client_dp_clipping_norm``, ``client_dp_target_quantile``, ``client_dp_clip_lr``,
-    ``client_dp_count_stddev`` (0 = Flower's default, clients per round / 20), ``client_dp_delta``.
-    Also rejects strategies that break the guarantee and (given ``num_clients``) adaptive settings
-    Flower would refuse, so config validation can call it.
-    """
-    mode = str(getattr(cfg, "client_dp", "off"))
-    stddev = float(getattr(cfg, "client_dp_count_stddev", 0.0))
+def settings_from_config(cfg: RunConfig) -> ClientDPSettings:
+    """:class:`ClientDPSettings` from a RunConfig's ``client-dp*`` keys (``client-dp-count-stddev``
+    0 = Flower's default, clients per round / 20). Also rejects strategies that break the guarantee
+    and adaptive settings Flower would refuse, so config validation can call it."""
+    stddev = cfg.client_dp_count_stddev
     settings = ClientDPSettings(
-        mode=mode,
-        noise_multiplier=float(getattr(cfg, "client_dp_noise_multiplier", 1.0)),
-        clipping_norm=float(getattr(cfg, "client_dp_clipping_norm", 1.0)),
-        target_clipped_quantile=float(getattr(cfg, "client_dp_target_quantile", 0.5)),
-        clip_norm_lr=float(getattr(cfg, "client_dp_clip_lr", 0.2)),
+        mode=cfg.client_dp,
+        noise_multiplier=cfg.client_dp_noise_multiplier,
+        clipping_norm=cfg.client_dp_clipping_norm,
+        target_clipped_quantile=cfg.client_dp_target_quantile,
+        clip_norm_lr=cfg.client_dp_clip_lr,
         clipped_count_stddev=stddev if stddev > 0 else None,
-        delta=float(getattr(cfg, "client_dp_delta", 1e-5)),
+        delta=cfg.client_dp_delta,
     )
-    strategy = getattr(cfg, "strategy", "fedavg")
-    if settings.enabled and strategy not in AVERAGING_STRATEGIES:
-        raise FedknError(
-            f"client-dp '{mode}' needs strategy {' or '.join(AVERAGING_STRATEGIES)} (plain averaging); "
-            f"strategy '{strategy}' changes the aggregate after averaging or keeps layers local"
-        )
-    if hasattr(cfg, "num_clients"):
-        check_adaptive(settings, sample_size(cfg.num_clients, getattr(cfg, "fraction_train", 1.0)))
+    if settings.enabled:
+        check_strategy(cfg.strategy)
+    check_adaptive(settings, sample_size(cfg.num_clients, cfg.fraction_train))
     return settings
+
+
+def check_strategy(strategy_name: str) -> None:
+    """Client-level DP's guarantee holds only for a plain (uniform) mean of the client models."""
+    if strategy_name not in AVERAGING_STRATEGIES:
+        raise FedknError(
+            f"client-level DP needs strategy {' or '.join(AVERAGING_STRATEGIES)} (plain averaging); "
+            f"strategy '{strategy_name}' changes the aggregate after averaging or keeps layers local"
+        )
 
 
 def client_mod(mode: str) -> Callable[..., Any] | None:

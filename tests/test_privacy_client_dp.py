@@ -84,7 +84,7 @@ def test_guarantee_needs_uniform_averaging():
     weighted = FedknFedAvg(fraction_train=0.5, seed=0)  # weighs by num-examples
     with pytest.raises(FedknError, match=UNIFORM_WEIGHT_KEY):
         wrap_strategy(weighted, settings, num_sampled_clients=5)
-    with pytest.raises(FedknError, match="averages client models"):
+    with pytest.raises(FedknError, match="fedavg or fedprox"):
         wrap_strategy(FedknFedAdam(seed=0, weighted_by_key=UNIFORM_WEIGHT_KEY), settings, num_sampled_clients=5,
                       strategy_name="fedadam")
     with pytest.raises(FedknError, match="mode"):
@@ -141,14 +141,13 @@ def test_guarantee_is_monotone_and_matches_opacus():
 
 
 def test_settings_from_config_keys():
-    from types import SimpleNamespace
-
+    from fedkn.config import RunConfig
     from strategies.dp import settings_from_config
 
-    assert not settings_from_config(SimpleNamespace(strategy="fedadam")).enabled  # key absent: off
-    cfg = SimpleNamespace(strategy="fedavg", client_dp="client-adaptive", client_dp_noise_multiplier=0.8,
-                          client_dp_clipping_norm=0.1, client_dp_count_stddev=0.0)
-    s = settings_from_config(cfg)
-    assert s.adaptive and s.clipped_count_stddev is None and s.noise_multiplier == 0.8
-    with pytest.raises(FedknError, match="fedavg or fedprox"):
-        settings_from_config(SimpleNamespace(**{**vars(cfg), "strategy": "fedbn"}))
+    assert not settings_from_config(RunConfig(strategy="fedadam")).enabled  # client-dp off by default
+    keys = {"client_dp": "client-adaptive", "client_dp_noise_multiplier": 0.8, "client_dp_clipping_norm": 0.1,
+            "client_dp_count_stddev": 0.0, "num_clients": 100, "fraction_train": 0.5}
+    s = settings_from_config(RunConfig(**keys))
+    assert s.adaptive and s.clipped_count_stddev is None and s.noise_multiplier == 0.8 and s.clipping_norm == 0.1
+    with pytest.raises(FedknError, match="fedavg or fedprox"):  # the rule runs in config validation
+        RunConfig(**keys, norm="fedbn")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from fedkn.privacy import accounting
 from fedkn.privacy.grad_sample import attach, detach
 from fedkn.privacy.validate import validate_model
 from fedkn.protocol import DP_EPSILON, DP_EPSILON_ROUND
+
+if TYPE_CHECKING:  # config validation calls into this module
+    from fedkn.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -274,29 +277,26 @@ def make_private(
     )
 
 
-def settings_from_config(cfg: Any) -> DPSettings | None:
+def settings_from_config(cfg: RunConfig) -> DPSettings | None:
     """:class:`DPSettings` from a RunConfig's ``dp-*`` keys; ``None`` when ``dp-sgd`` is off.
 
-    Keys (snake_case attributes): ``dp_sgd`` (bool), ``dp_noise_multiplier`` and
-    ``dp_target_epsilon`` (exactly one > 0), ``dp_max_grad_norm``, ``dp_delta``, ``dp_accountant``.
-    Also rejects a batch-dependent norm (BatchNorm) with the alternatives, so calling this from
+    ``dp-noise-multiplier`` and ``dp-target-epsilon``: exactly one above 0. Also rejects a batch-dependent norm (BatchNorm) with the alternatives, so calling this from
     config validation fails a DP run before any model is built.
     """
-    if not getattr(cfg, "dp_sgd", False):
+    if not cfg.dp_sgd:
         return None
     from fedkn.privacy.validate import check_norm
 
     check_norm(cfg.norm)
-    sigma = float(getattr(cfg, "dp_noise_multiplier", 0.0))
-    target = float(getattr(cfg, "dp_target_epsilon", 0.0))
+    sigma, target = cfg.dp_noise_multiplier, cfg.dp_target_epsilon
     if (sigma > 0) == (target > 0):
         raise FedknError("dp-sgd needs exactly one of dp-noise-multiplier and dp-target-epsilon set above 0")
     return DPSettings(
-        max_grad_norm=float(getattr(cfg, "dp_max_grad_norm", 1.0)),
+        max_grad_norm=cfg.dp_max_grad_norm,
         noise_multiplier=sigma if sigma > 0 else None,
         target_epsilon=target if target > 0 else None,
-        delta=float(getattr(cfg, "dp_delta", 1e-5)),
-        accountant=str(getattr(cfg, "dp_accountant", "rdp")),
+        delta=cfg.dp_delta,
+        accountant=cfg.dp_accountant,
     )
 
 
