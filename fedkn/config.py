@@ -349,15 +349,13 @@ def _validate_names(cfg: RunConfig) -> None:
     """Names that other layers own; their registries are the single source of truth."""
     from fedkn.data import DATASETS, parse_partition, resolve_params
     from fedkn.models import MODELS
-    from fedkn.nn.norms import NORMS
+    from fedkn.nn.norms import NORMS, check_norm_name
 
     if cfg.dataset not in DATASETS:
         raise FedknError(f"config key 'dataset' must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     if cfg.model not in MODELS:
         raise FedknError(f"config key 'model' must be one of {', '.join(MODELS)}, got {cfg.model!r}")
-    if cfg.norm not in NORMS:
-        names = ", ".join([*NORMS, *RULE_NORMS])
-        raise FedknError(f"config key 'norm' must be one of {names}, got {cfg.norm!r}")
+    check_norm_name(cfg.norm, also=tuple(RULE_NORMS), where=" (config key 'norm')")
     spec = MODELS[cfg.model]
     if cfg.norm not in spec.norms:
         raise FedknError(f"model '{cfg.model}' cannot use norm '{cfg.norm}'; it supports {', '.join(spec.norms)}")

@@ -78,7 +78,7 @@ def test_norm_fedbn_means_bn_with_fedbn_strategy():
         (["test-fraction=0.5", "val-fraction=0.5"], "'test-fraction + val-fraction' must be below 1"),
         (["eval-every=0"], "'eval-every' must be at least 1"),
         (["augment=maybe"], "'augment' must be true or false"),
-        (["norm=bogus"], "'norm' must be one of kn, bn"),
+        (["norm=bogus"], "unknown norm 'bogus' (config key 'norm'); valid norms: kn, bn"),
         (["model=alexnet"], "'model' must be one of resnet8"),
         (["dataset=imagenet"], "'dataset' must be one of digits"),
         (["strategy=scaffold"], "'strategy' must be one of fedavg"),

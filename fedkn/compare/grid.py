@@ -88,13 +88,11 @@ def split_list(text: str, what: str) -> list[str]:
 
 
 def parse_norms(text: str | Sequence[str]) -> list[str]:
-    from fedkn.nn.norms import NORMS
+    from fedkn.nn.norms import check_norm_name
 
     items = split_list(text, "--norms") if isinstance(text, str) else list(text)
-    valid = [*NORMS, *RULE_NORMS]
     for n in items:
-        if n not in valid:
-            raise FedknError(f"unknown norm '{n}' in --norms; valid norms: {', '.join(valid)}")
+        check_norm_name(n, also=tuple(RULE_NORMS), where=" in --norms")
     if len(set(items)) != len(items):
         raise FedknError(f"--norms lists a norm twice: {','.join(items)}")
     return items

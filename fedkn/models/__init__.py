@@ -20,7 +20,7 @@ from fedkn.errors import FedknError
 from fedkn.models.knresnet import knresnet
 from fedkn.models.resnet import preact_resnet18, resnet
 from fedkn.models.small import resnet8, vgg6
-from fedkn.nn.norms import NORMS, Norm, NormLike, get_norm
+from fedkn.nn.norms import NORMS, Norm, NormLike, check_norm_name, get_norm
 
 ModelFn = Callable[[Norm, int, int, float, bool], nn.Module]
 
@@ -75,8 +75,7 @@ def build(
     if spec is None:
         raise FedknError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
     norm_name = norm.name if isinstance(norm, Norm) else norm
-    if norm_name not in NORMS:
-        raise FedknError(f"unknown norm '{norm_name}'; valid norms: {', '.join(NORMS)}")
+    check_norm_name(norm_name)
     if norm_name not in spec.norms:
         hint = "use knresnet18/34/50 or resnet8/vgg6 for KernelNorm" if norm_name == "kn" else "use resnet8/vgg6 or resnet18/34/50"
         raise FedknError(f"model '{name}' cannot use norm '{norm_name}' (it supports {', '.join(spec.norms)}); {hint}")

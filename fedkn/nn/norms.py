@@ -21,7 +21,7 @@ Options (dropout of KernelNorm, group size of GroupNorm) are bound when the entr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +193,13 @@ NORMS: dict[str, NormSpec] = {
 }
 
 
+def check_norm_name(name: str, *, also: Sequence[str] = (), where: str = "") -> None:
+    """The one check of a norm name: registered here (or one of ``also``, the config's rule norms),
+    else an error naming every valid name. ``where`` says where it was typed."""
+    if name not in NORMS and name not in also:
+        raise FedknError(f"unknown norm '{name}'{where}; valid norms: {', '.join([*NORMS, *also])}")
+
+
 def get_norm(name: str | Norm, defaults: Options | None = None, **options: Any) -> Norm:
     """Resolve a norm by name. ``defaults`` (a model's paper values) yield to explicit ``options``.
 
@@ -200,9 +207,8 @@ def get_norm(name: str | Norm, defaults: Options | None = None, **options: Any) 
     """
     if isinstance(name, Norm):
         return name
-    spec = NORMS.get(name)
-    if spec is None:
-        raise FedknError(f"unknown norm '{name}'; valid norms: {', '.join(NORMS)}")
+    check_norm_name(name)
+    spec = NORMS[name]
     unknown = set(options) - set(spec.defaults)
     if unknown:
         valid = ", ".join(spec.defaults) or "none"
