@@ -8,6 +8,7 @@ once per finished round and :meth:`~RunRecorder.finish` once at the end; the sum
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -152,7 +153,5 @@ class RunRecorder:
             cfg = self.cfg
             self.run_dir.plot(title=f"{cfg.run_name} ({cfg.dataset}, {cfg.num_clients} clients, {cfg.partition})")
         except Exception as err:  # noqa: BLE001 - see the docstring
-            import logging
-
             logging.getLogger("fedkn").warning("could not write summary/plot: %s", err)
         return final

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedkn.app import task
 from fedkn.app.engine import partitions_mismatch
 from fedkn.config import RunConfig
+from fedkn.data import Federation
 from fedkn.errors import FedknError
 from fedkn.local_state import local_keys
 from fedkn.nn.batchnorm import batchnorm_stat_keys
@@ -152,7 +153,7 @@ class RoundEnd:
     (every ``eval-every`` rounds, never under FedBN, whose global model lacks trained BatchNorm
     state) and hand the round to the recorder, with the checkpoint."""
 
-    def __init__(self, cfg: RunConfig, strategy: Strategy, recorder: RunRecorder, fed: task.Federation, start_round: int) -> None:
+    def __init__(self, cfg: RunConfig, strategy: Strategy, recorder: RunRecorder, fed: Federation, start_round: int) -> None:
         self.cfg, self.strategy, self.recorder, self.fed, self.start_round = cfg, strategy, recorder, fed, start_round
         self.model = task.new_model(cfg, fed.train_set)
         self.test_pre = task.preprocess(cfg, fed.test_set, train=False)

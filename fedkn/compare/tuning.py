@@ -280,7 +280,8 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
             raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
         r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
         return r.accuracy, r.loss, r.num_examples, source
-    fresh = {k: v.clone() for k, v in model.state_dict().items() if k in set(kept)}
+    initial = model.state_dict()
+    fresh = {k: initial[k].clone() for k in kept}
     loss_sum, correct, n = 0.0, 0.0, 0
     with torch.no_grad():
         for pid, idx in enumerate(parts):
