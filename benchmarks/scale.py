@@ -58,7 +58,7 @@ def run_one(args: argparse.Namespace, clients: int, out: Path) -> ScaleResult:
     from fedkn.config import RunConfig
 
     fraction = (args.per_round + 0.5) / clients  # Flower samples int(clients * fraction) = per_round
-    cfg = RunConfig(
+    cfg = RunConfig.of(
         dataset="digits",
         model=args.model,
         norm=args.norm,

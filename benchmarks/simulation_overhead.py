@@ -5,7 +5,7 @@ Both sides do the same federated work from the same :class:`~fedkn.config.RunCon
 - **fedkn**: the in-process simulation ``fedkn run`` uses (``make_server_app`` + ``simulate``:
   Flower's simulation engine, Ray actors running fedkn's ClientApp), results in a scratch run dir;
 - **plain loop**: one Python process, no Flower, no Ray: per round the same seeded sample of
-  clients (``strategies.sampling``), for each the same ``fedkn.train.train_local`` with the same
+  clients (``fedkn.sampling``), for each the same ``fedkn.train.train_local`` with the same
   per-client seed, one model object reused for every client, the FedAvg example-weighted average,
   and the same centralized ``fedkn.train.evaluate`` on the global test set. With
   ``--fraction-evaluate`` > 0 both also run federated evaluation on the sampled clients' test splits.
@@ -84,7 +84,7 @@ def base_config(args: argparse.Namespace, **changes: Any) -> Any:
         "name": "bench",
     }
     values.update(changes)
-    return RunConfig(**values)
+    return RunConfig.of(**values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,9 +309,9 @@ def run_fedkn(
             simulate(
                 server_app,
                 client_app.app,
-                num_clients=cfg.num_clients,
-                num_cpus=cfg.client_num_cpus,
-                num_gpus=cfg.client_num_gpus,
+                num_clients=cfg.data.num_clients,
+                num_cpus=cfg.run.client_num_cpus,
+                num_gpus=cfg.run.client_num_gpus,
                 log_file=run_dir.path / "flower.log",
                 verbose=verbose,
             )
@@ -387,8 +387,8 @@ def _run_loop(cfg: Any) -> RunTiming:
     import torch
 
     from fedkn.app import task
+    from fedkn.sampling import sample_partitions, sample_size
     from fedkn.train import default_device, evaluate, train_local
-    from strategies.sampling import sample_partitions, sample_size
 
     clear_process_caches()
     t0 = time.perf_counter()
@@ -404,18 +404,18 @@ def _run_loop(cfg: Any) -> RunTiming:
 
     def centralized(state: dict[str, torch.Tensor]) -> tuple[float, float]:
         task.load_weights(eval_model, state)
-        res = evaluate(eval_model, fed.test_set, None, cfg.eval_batch_size, device, test_pre)
+        res = evaluate(eval_model, fed.test_set, None, cfg.train.eval_batch_size, device, test_pre)
         return res.loss, res.accuracy
 
     loss, acc = centralized(global_state)
     t_last = time.perf_counter()
     startup = t_last - t0
-    n_train = sample_size(cfg.num_clients, cfg.fraction_train)
-    n_eval = sample_size(cfg.num_clients, cfg.fraction_evaluate)
+    n_train = sample_size(cfg.data.num_clients, cfg.federation.fraction_train)
+    n_eval = sample_size(cfg.data.num_clients, cfg.federation.fraction_evaluate)
     rounds: list[float] = []
-    for r in range(1, cfg.num_rounds + 1):
+    for r in range(1, cfg.federation.num_rounds + 1):
         states, weights = [], []
-        for pid in sample_partitions(cfg.num_clients, n_train, seed=cfg.seed, server_round=r, phase="train"):
+        for pid in sample_partitions(cfg.data.num_clients, n_train, seed=cfg.run.seed, server_round=r, phase="train"):
             task.load_weights(client_model, global_state)
             seed = task.client_seed(cfg, r, pid)
             torch.manual_seed(seed)
@@ -424,12 +424,12 @@ def _run_loop(cfg: Any) -> RunTiming:
                 client_model,
                 fed.train_set,
                 fed.client(pid).train,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                epochs=cfg.local_epochs,
-                steps=cfg.local_steps or None,
+                batch_size=cfg.train.batch_size,
+                lr=cfg.train.lr,
+                momentum=cfg.train.momentum,
+                weight_decay=cfg.train.weight_decay,
+                epochs=cfg.train.local_epochs,
+                steps=cfg.train.local_steps or None,
                 generator=generator,
                 device=device,
                 preprocess=train_pre,
@@ -440,9 +440,9 @@ def _run_loop(cfg: Any) -> RunTiming:
         if states:
             global_state = fedavg(states, weights)
         if n_eval:  # federated evaluation of the new global model on the sampled clients' test splits
-            for pid in sample_partitions(cfg.num_clients, n_eval, seed=cfg.seed, server_round=r, phase="evaluate"):
+            for pid in sample_partitions(cfg.data.num_clients, n_eval, seed=cfg.run.seed, server_round=r, phase="evaluate"):
                 task.load_weights(client_model, global_state)
-                evaluate(client_model, fed.train_set, fed.client(pid).test, cfg.eval_batch_size, device, local_pre)
+                evaluate(client_model, fed.train_set, fed.client(pid).test, cfg.train.eval_batch_size, device, local_pre)
         loss, acc = centralized(global_state)
         now = time.perf_counter()
         rounds.append(now - t_last)
@@ -502,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = base_config(args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedkn-bench-overhead-"))
     print(
-        f"workload: {cfg.model} x{cfg.width:g} {cfg.norm}, {cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), "
-        f"fraction-train {cfg.fraction_train:g}, fraction-evaluate {cfg.fraction_evaluate:g}, {cfg.num_rounds} rounds, "
-        f"{cfg.local_steps} local steps x batch {cfg.batch_size}; client-num-cpus {cfg.client_num_cpus:g}"
+        f"workload: {cfg.model.name} x{cfg.model.width:g} {cfg.model.norm}, {cfg.data.dataset}, {cfg.data.num_clients} clients ({cfg.data.partition}), "
+        f"fraction-train {cfg.federation.fraction_train:g}, fraction-evaluate {cfg.federation.fraction_evaluate:g}, {cfg.federation.num_rounds} rounds, "
+        f"{cfg.train.local_steps} local steps x batch {cfg.train.batch_size}; client-num-cpus {cfg.run.client_num_cpus:g}"
     )
     loop_threads = args.loop_threads or torch.get_num_threads()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch threads: loop {loop_threads}, "

@@ -1,7 +1,7 @@
 """Model state that never leaves a client, in one place: which keys stay local and how a client's
 own copy rejoins the global model it receives.
 
-Under FedBN (Li et al., ICLR 2021; ``RunConfig.local_keys_stay_local``) every BatchNorm key stays
+Under FedBN (Li et al., ICLR 2021; ``FederationConfig.keeps_local_state``) every BatchNorm key stays
 on its client: affine parameters, running statistics and batch counter. The server neither sends
 nor receives them (``strategies.base.FedknStrategy`` strips them), each client trains and
 evaluates the global arrays with its own copy, and the server's global model keeps the initial
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedkn.config import RunConfig
+from fedkn.config import FederationConfig
 from fedkn.nn.batchnorm import batchnorm_keys
 
 
-def local_keys(cfg: RunConfig, model: nn.Module) -> list[str]:
-    """The keys of ``model`` that stay on each client under ``cfg``; empty when every key is shared."""
-    return batchnorm_keys(model) if cfg.local_keys_stay_local else []
+def local_keys(federation: FederationConfig, model: nn.Module) -> list[str]:
+    """The keys of ``model`` that stay on each client under ``federation``'s strategy; empty when every key is shared."""
+    return batchnorm_keys(model) if federation.keeps_local_state else []
 
 
 def with_local(

@@ -80,7 +80,7 @@ class RunRecorder:
         running summary; then tell ``progress``. ``test`` is (loss, accuracy), nan when not scored."""
         now = time.perf_counter()
         eps_round = eps = math.nan
-        if self.cfg.dp_sgd:  # a client's cumulative epsilon never falls, so the running max is the max over all clients
+        if self.cfg.privacy.enabled:  # a client's cumulative epsilon never falls, so the running max is the max over all clients
             eps_round = train.get(DP_EPSILON_ROUND, 0.0)
             eps = max(float(self.history[-1]["dp_epsilon"]) if self.history else 0.0, train.get(DP_EPSILON, 0.0))
         row = {
@@ -118,12 +118,12 @@ class RunRecorder:
             status=status,
             run_dir=str(self.run_dir.path),
             rounds_completed=int(last.get("round", 0)),
-            num_rounds=cfg.num_rounds,
-            dataset=cfg.dataset,
-            model=cfg.model,
-            norm=cfg.norm,
-            strategy=cfg.strategy,
-            num_clients=cfg.num_clients,
+            num_rounds=cfg.federation.num_rounds,
+            dataset=cfg.data.dataset,
+            model=cfg.model.name,
+            norm=cfg.model.norm,
+            strategy=cfg.federation.strategy,
+            num_clients=cfg.data.num_clients,
             final_test_accuracy=last.get("test_accuracy"),
             final_test_loss=last.get("test_loss"),
             final_fed_eval_accuracy=last.get("fed_eval_accuracy"),
@@ -140,8 +140,8 @@ class RunRecorder:
             config=cfg.to_flower(),
             error=error or None,
         )
-        if cfg.dp_sgd:  # the last row's running max over the clients
-            out = replace(out, dp_epsilon=float(last.get("dp_epsilon") or 0.0), dp_delta=cfg.dp_delta)
+        if cfg.privacy.enabled:  # the last row's running max over the clients
+            out = replace(out, dp_epsilon=float(last.get("dp_epsilon") or 0.0), dp_delta=cfg.privacy.delta)
         return replace(out, **self.extra(out)) if self.extra is not None else out
 
     def finish(self, status: str, error: str | None = None) -> RunSummary:
@@ -151,7 +151,7 @@ class RunRecorder:
         try:
             self.run_dir.write_summary(final.to_json())
             cfg = self.cfg
-            self.run_dir.plot(title=f"{cfg.run_name} ({cfg.dataset}, {cfg.num_clients} clients, {cfg.partition})")
+            self.run_dir.plot(title=f"{cfg.run_name} ({cfg.data.dataset}, {cfg.data.num_clients} clients, {cfg.data.partition})")
         except Exception as err:  # noqa: BLE001 - see the docstring
             logging.getLogger("fedkn").warning("could not write summary/plot: %s", err)
         return final

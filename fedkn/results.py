@@ -103,7 +103,7 @@ class RunDir:
     @classmethod
     def create(cls, cfg: RunConfig, *, root: str | Path | None = None) -> RunDir:
         """A fresh ``<root>/<YYYYmmdd-HHMMSS>-<name>`` directory holding ``config.toml``."""
-        base = Path(root if root is not None else cfg.output_dir).expanduser()
+        base = Path(root if root is not None else cfg.run.output_dir).expanduser()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = re.sub(r"[^A-Za-z0-9._+-]", "_", cfg.run_name)
         try:

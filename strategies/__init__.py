@@ -5,10 +5,10 @@ FedBN or FixBN, each with fedkn's deterministic sampling, sorted aggregation, ro
 byte accounting and error handling (:class:`~strategies.base.FedknStrategy`).
 """
 
+from fedkn.sampling import sample_partitions, sample_size
 from strategies.base import ClientFailure, FedknStrategy, RoundRecord, to_array_record
 from strategies.factory import FedBN, FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, FixBN, build_strategy
 from strategies.fixbn import stats_frozen
-from strategies.sampling import sample_partitions, sample_size
 
 __all__ = [
     "ClientFailure",

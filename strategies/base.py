@@ -1,7 +1,7 @@
 """What fedkn adds to every Flower strategy, as a mixin placed before the Flower class.
 
 - **Deterministic sampling**: Flower picks nodes with the unseeded global ``random``; fedkn keeps
-  Flower's sample *size* but picks partition ids with :func:`~strategies.sampling.sample_partitions`
+  Flower's sample *size* but picks partition ids with :func:`~fedkn.sampling.sample_partitions`
   (seeded by run seed and round) and maps them to node ids (learned from the nodes themselves).
 - **Deterministic aggregation**: replies arrive in whatever order the clients finish; they are
   sorted by partition id before Flower averages them, so float sums do not depend on timing.
@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedkn.errors import DivergedError, FedknError
 from fedkn.protocol import ERROR_CODE_DIVERGED, LOST_NODE_CODES, MAX_METRICS, WEIGHT_KEY
-from strategies.sampling import sample_partitions, sample_size
+from fedkn.sampling import sample_partitions, sample_size
 
 log = logging.getLogger("fedkn")
 

@@ -3,7 +3,7 @@
 Client-level DP protects a whole client (all of its data) rather than one example: each sampled
 client's model update is clipped to L2 norm ``C`` (on the server, or on the client by a Flower
 mod), the server averages the ``m`` clipped updates and adds Gaussian noise of standard deviation
-``noise_multiplier * C / m`` (McMahan et al. 2018, "DP-FedAvg"). Modes (:data:`MODES`):
+``noise_multiplier * C / m`` (McMahan et al. 2018, "DP-FedAvg"). Modes (:data:`fedkn.config.CLIENT_DP_MODES`):
 
 - ``server-fixed``: :class:`DifferentialPrivacyServerSideFixedClipping` (the server clips).
 - ``client-fixed``: :class:`DifferentialPrivacyClientSideFixedClipping` + ``fixedclipping_mod``
@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -56,57 +56,15 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedkn.config import CLIENT_DP_MODES, ClientDPConfig, check_client_dp_strategy
 from fedkn.errors import FedknError
-from fedkn.privacy.accounting import check_accountant, check_delta, epsilon
+from fedkn.privacy.accounting import check_accountant, epsilon
 from fedkn.protocol import UNIFORM_WEIGHT_KEY
 from strategies.base import FedknStrategy, RoundRecord
-from strategies.sampling import sample_size
 
-if TYPE_CHECKING:  # config validation calls into this module
-    from fedkn.config import RunConfig
-
-#: Client-level DP modes ("off" = no client-level DP).
-MODES: tuple[str, ...] = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
-#: fedkn strategies whose aggregate is a plain (uniform) mean of the client models.
-AVERAGING_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 AMPLIFICATION: tuple[str, ...] = ("none", "poisson")
 #: Checkpoint key of the current clipping norm (so a resumed adaptive-clipping run goes on from it).
 CLIPPING_NORM_STATE = "dp.clipping_norm"
-
-
-@dataclass(frozen=True)
-class ClientDPSettings:
-    mode: str = "off"
-    noise_multiplier: float = 1.0
-    #: Fixed clipping norm; the initial one for the adaptive modes.
-    clipping_norm: float = 1.0
-    target_clipped_quantile: float = 0.5  # adaptive only
-    clip_norm_lr: float = 0.2  # adaptive only
-    clipped_count_stddev: float | None = None  # adaptive only; Flower's default: m / 20
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise FedknError(f"client-level DP mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not (0.0 <= self.noise_multiplier < math.inf):
-            raise FedknError(f"client-level DP noise multiplier must be >= 0, got {self.noise_multiplier!r}")
-        if not (0.0 < self.clipping_norm < math.inf):
-            raise FedknError(f"client-level DP clipping norm must be positive, got {self.clipping_norm!r}")
-        if not 0.0 <= self.target_clipped_quantile <= 1.0:
-            raise FedknError(f"target clipped quantile must be in [0, 1], got {self.target_clipped_quantile!r}")
-        if not self.clip_norm_lr > 0.0:
-            raise FedknError(f"clip-norm learning rate must be positive, got {self.clip_norm_lr!r}")
-        if self.clipped_count_stddev is not None and self.clipped_count_stddev < 0:
-            raise FedknError(f"clipped-count stddev must be >= 0, got {self.clipped_count_stddev!r}")
-        check_delta(self.delta)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
-
-    @property
-    def adaptive(self) -> bool:
-        return self.mode.endswith("adaptive")
 
 
 class _FedknDP(Strategy):
@@ -160,18 +118,18 @@ class FedknDPClientAdaptive(_FedknDP, DifferentialPrivacyClientSideAdaptiveClipp
 
 
 def wrap_strategy(
-    strategy: Any, settings: ClientDPSettings, *, num_sampled_clients: int, strategy_name: str = "fedavg"
+    strategy: Any, settings: ClientDPConfig, *, num_sampled_clients: int, strategy_name: str = "fedavg"
 ) -> Any:
     """Wrap ``strategy`` (a fedkn strategy) in Flower's DP wrapper for ``settings.mode``.
 
     ``num_sampled_clients`` is the number of clients trained per round (the ``m`` in the noise
-    ``noise_multiplier * C / m``; ``strategies.sample_size(num_clients, fraction_train)``).
+    ``noise_multiplier * C / m``; ``RunConfig.clients_per_round``).
     ``strategy_name`` is the config's strategy; only plain averaging keeps the guarantee.
     Returns ``strategy`` unchanged when the mode is ``off``.
     """
     if not settings.enabled:
         return strategy
-    check_strategy(strategy_name)
+    check_client_dp_strategy(strategy_name)
     key = getattr(strategy, "weighted_by_key", None)
     if key != UNIFORM_WEIGHT_KEY:
         raise FedknError(
@@ -185,51 +143,10 @@ def wrap_strategy(
         return FedknDPServerFixed(strategy, s.noise_multiplier, s.clipping_norm, num_sampled_clients)
     if s.mode == "client-fixed":
         return FedknDPClientFixed(strategy, s.noise_multiplier, s.clipping_norm, num_sampled_clients)
-    check_adaptive(s, num_sampled_clients)
+    s.check_adaptive(num_sampled_clients)
     cls = FedknDPServerAdaptive if s.mode == "server-adaptive" else FedknDPClientAdaptive
     return cls(strategy, s.noise_multiplier, num_sampled_clients, s.clipping_norm,
-               s.target_clipped_quantile, s.clip_norm_lr, s.clipped_count_stddev)
-
-
-def check_adaptive(settings: ClientDPSettings, num_sampled_clients: int) -> None:
-    """Flower's condition for adaptive clipping: the clipped-count noise must exceed noise_multiplier / 2."""
-    s = settings
-    stddev = s.clipped_count_stddev if s.clipped_count_stddev is not None else num_sampled_clients / 20
-    if s.adaptive and s.noise_multiplier > 0 and s.noise_multiplier >= 2 * stddev:
-        raise FedknError(
-            f"adaptive clipping with client-dp-noise-multiplier {s.noise_multiplier:g} needs a client-dp-count-stddev "
-            f"above {s.noise_multiplier / 2:g} (it is {stddev:g}; the default 0 means clients per round / 20); "
-            "set it higher, lower the noise multiplier or sample more clients per round"
-        )
-
-
-def settings_from_config(cfg: RunConfig) -> ClientDPSettings:
-    """:class:`ClientDPSettings` from a RunConfig's ``client-dp*`` keys (``client-dp-count-stddev``
-    0 = Flower's default, clients per round / 20). Also rejects strategies that break the guarantee
-    and adaptive settings Flower would refuse, so config validation can call it."""
-    stddev = cfg.client_dp_count_stddev
-    settings = ClientDPSettings(
-        mode=cfg.client_dp,
-        noise_multiplier=cfg.client_dp_noise_multiplier,
-        clipping_norm=cfg.client_dp_clipping_norm,
-        target_clipped_quantile=cfg.client_dp_target_quantile,
-        clip_norm_lr=cfg.client_dp_clip_lr,
-        clipped_count_stddev=stddev if stddev > 0 else None,
-        delta=cfg.client_dp_delta,
-    )
-    if settings.enabled:
-        check_strategy(cfg.strategy)
-    check_adaptive(settings, sample_size(cfg.num_clients, cfg.fraction_train))
-    return settings
-
-
-def check_strategy(strategy_name: str) -> None:
-    """Client-level DP's guarantee holds only for a plain (uniform) mean of the client models."""
-    if strategy_name not in AVERAGING_STRATEGIES:
-        raise FedknError(
-            f"client-level DP needs strategy {' or '.join(AVERAGING_STRATEGIES)} (plain averaging); "
-            f"strategy '{strategy_name}' changes the aggregate after averaging or keeps layers local"
-        )
+               s.target_quantile, s.clip_lr, s.count_stddev if s.count_stddev > 0 else None)
 
 
 def client_mod(mode: str) -> Callable[..., Any] | None:
@@ -237,8 +154,8 @@ def client_mod(mode: str) -> Callable[..., Any] | None:
 
     A mod is ``mod(msg, context, call_next) -> Message``; apply it to train messages only.
     """
-    if mode not in MODES:
-        raise FedknError(f"client-level DP mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in CLIENT_DP_MODES:
+        raise FedknError(f"client-level DP mode must be one of {', '.join(CLIENT_DP_MODES)}, got {mode!r}")
     return {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}.get(mode)
 
 
@@ -292,18 +209,13 @@ def client_level_guarantee(
 
 __all__ = [
     "AMPLIFICATION",
-    "AVERAGING_STRATEGIES",
-    "MODES",
     "UNIFORM_WEIGHT_KEY",
     "ClientDPGuarantee",
-    "ClientDPSettings",
     "FedknDPClientAdaptive",
     "FedknDPClientFixed",
     "FedknDPServerAdaptive",
     "FedknDPServerFixed",
-    "check_adaptive",
     "client_level_guarantee",
     "client_mod",
-    "settings_from_config",
     "wrap_strategy",
 ]

@@ -1,4 +1,4 @@
-"""``build_strategy(cfg)``: the configured Flower strategy with fedkn's additions."""
+"""``build_strategy(federation, ...)``: the configured Flower strategy with fedkn's additions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedkn.config import RunConfig
+from fedkn.config import FederationConfig
 from fedkn.errors import FedknError
 from fedkn.protocol import UNIFORM_WEIGHT_KEY
 from strategies.base import FedknStrategy
@@ -30,49 +30,55 @@ class FedknFedAdam(FedknStrategy, FedAdam):
     """Adam on the server over the averaged client update (Reddi et al. 2021)."""
 
 
-def build_strategy(cfg: RunConfig, *, local_keys: Iterable[str] = (), stat_keys: Iterable[str] = ()) -> FedknStrategy:
-    """The strategy named by ``cfg.strategy``. ``local_keys``: the model's BatchNorm keys (FedBN);
-    ``stat_keys``: its BatchNorm statistics keys (FixBN).
+def build_strategy(
+    federation: FederationConfig,
+    *,
+    seed: int,
+    client_lr: float,
+    uniform_weights: bool = False,
+    local_keys: Iterable[str] = (),
+    stat_keys: Iterable[str] = (),
+) -> FedknStrategy:
+    """The strategy named by ``federation.strategy``, sampling clients from ``seed``.
 
-    Under client-level DP the arrays are averaged with equal weights (each client reports
-    ``UNIFORM_WEIGHT_KEY: 1``), as the guarantee of ``strategies.dp`` needs; wrap the result with
-    ``strategies.dp.wrap_strategy``.
+    ``client_lr``: the clients' learning rate (FedAdam's ``eta_l``). ``local_keys``: the model's
+    BatchNorm keys (FedBN); ``stat_keys``: its BatchNorm statistics keys (FixBN).
+    ``uniform_weights``: average with equal weights (each client reports ``UNIFORM_WEIGHT_KEY: 1``),
+    as client-level DP's guarantee needs; wrap the result with ``strategies.dp.wrap_strategy``.
     """
+    fed = federation
     common = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
-        "min_available_nodes": cfg.min_clients,  # not num-clients: Flower would wait forever for a dead SuperNode
-        "min_clients": cfg.min_clients,
-        "seed": cfg.seed,
+        "min_available_nodes": fed.min_clients,  # not num-clients: Flower would wait forever for a dead SuperNode
+        "min_clients": fed.min_clients,
+        "seed": seed,
     }
-    if cfg.client_dp != "off":
+    if uniform_weights:
         common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
-    name = cfg.strategy
+    name = fed.strategy
     if name == "fedavg":
         return FedknFedAvg(**common)
     if name == "fedprox":
-        return FedknFedProx(**common, proximal_mu=cfg.proximal_mu)
+        return FedknFedProx(**common, proximal_mu=fed.proximal_mu)
     if name == "fedavgm":
-        return FedknFedAvgM(**common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+        return FedknFedAvgM(**common, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     if name == "fedadam":
         return FedknFedAdam(
             **common,
-            eta=cfg.fedadam_eta,
-            eta_l=cfg.lr,
-            beta_1=cfg.fedadam_beta1,
-            beta_2=cfg.fedadam_beta2,
-            tau=cfg.fedadam_tau,
+            eta=fed.fedadam_eta,
+            eta_l=client_lr,
+            beta_1=fed.fedadam_beta1,
+            beta_2=fed.fedadam_beta2,
+            tau=fed.fedadam_tau,
         )
-    if name == "fedbn":
-        keys = list(local_keys)
+    if name in ("fedbn", "fixbn"):
+        keys = list(local_keys if name == "fedbn" else stat_keys)
         if not keys:
-            raise FedknError(f"strategy 'fedbn' needs a model with BatchNorm layers (norm 'bn'); norm is '{cfg.norm}'")
-        return FedBN(**common, local_keys=keys)
-    if name == "fixbn":
-        keys = list(stat_keys)
-        if not keys:
-            raise FedknError(f"strategy 'fixbn' needs a model with BatchNorm layers (norm 'bn'); norm is '{cfg.norm}'")
-        return FixBN(**common, stat_keys=keys, freeze_after=cfg.fixbn_freeze_after)
-    raise FedknError(f"unknown strategy '{name}'")  # RunConfig validation makes this unreachable
+            raise FedknError(f"strategy '{name}' needs a model with BatchNorm layers (norm 'bn')")
+        if name == "fedbn":
+            return FedBN(**common, local_keys=keys)
+        return FixBN(**common, stat_keys=keys, freeze_after=fed.fixbn_freeze_after)
+    raise FedknError(f"unknown strategy '{name}'")  # FederationConfig validation makes this unreachable

@@ -32,13 +32,13 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedAvg
 
-from fedkn.config import RunConfig
+from fedkn.config import FederationConfig
 from strategies.base import FedknStrategy
 
 
-def stats_frozen(cfg: RunConfig, server_round: int) -> bool:
+def stats_frozen(federation: FederationConfig, server_round: int) -> bool:
     """True when ``server_round`` is a FixBN calibration round (clients train with frozen statistics)."""
-    return cfg.strategy == "fixbn" and server_round > cfg.fixbn_freeze_after
+    return federation.strategy == "fixbn" and server_round > federation.fixbn_freeze_after
 
 
 class FixBN(FedknStrategy, FedAvg):

@@ -75,9 +75,9 @@ def test_train_local_with_agc_moves_weights_less():
 
 
 def test_agc_clip_key_defaults_to_the_norm_and_any_norm_may_set_it():
-    assert RunConfig(norm="nf").agc_ratio == NF_AGC_CLIP > 0
-    assert RunConfig(norm="kn").agc_ratio == 0.0 and RunConfig(norm="gn").agc_ratio == 0.0
-    assert RunConfig(norm="gn", agc_clip=0.05).agc_ratio == 0.05
-    assert RunConfig(norm="nf", agc_clip=0.0).agc_ratio == 0.0
+    assert RunConfig.of(norm="nf").agc_ratio == NF_AGC_CLIP > 0
+    assert RunConfig.of(norm="kn").agc_ratio == 0.0 and RunConfig.of(norm="gn").agc_ratio == 0.0
+    assert RunConfig.of(norm="gn", agc_clip=0.05).agc_ratio == 0.05
+    assert RunConfig.of(norm="nf", agc_clip=0.0).agc_ratio == 0.0
     with pytest.raises(FedknError, match="'agc-clip' must be -1"):
         RunConfig.from_sources(sets=["agc-clip=-0.2"])

@@ -144,7 +144,7 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     from fedkn.config import RunConfig
     from fedkn.results import RunDir
 
-    run = RunDir.create(RunConfig(output_dir=str(tmp_path)))
+    run = RunDir.create(RunConfig.of(output_dir=str(tmp_path)))
     run.checkpoint_path.write_bytes(b"not a checkpoint")
     assert main(["run", "--resume", str(run.path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -156,8 +156,8 @@ def test_metrics_are_appended_per_round_and_truncated_on_resume(tmp_path):
     from fedkn.config import RunConfig
     from fedkn.results import RunDir
 
-    run = RunDir.create(RunConfig(output_dir=str(tmp_path), name="r"))
-    assert run.path.name.endswith("-r") and run.read_config() == RunConfig(output_dir=str(tmp_path), name="r")
+    run = RunDir.create(RunConfig.of(output_dir=str(tmp_path), name="r"))
+    assert run.path.name.endswith("-r") and run.read_config() == RunConfig.of(output_dir=str(tmp_path), name="r")
     for r in range(3):
         run.append_metrics({"round": r, "test_accuracy": 0.1 * r, "bytes_sent": 10 * r})
         assert len(pd.read_csv(run.metrics_path)) == r + 1  # on disk as soon as the round ends

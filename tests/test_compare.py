@@ -121,11 +121,12 @@ def test_cell_config_changes_only_the_cell_keys() -> None:
     base = RunConfig.from_dict({"num-rounds": 3, "width": 0.125, "lr": 0.02})
     kn = cell_config(base, Cell("kn", "dir0.1", 2))
     fedbn = cell_config(base, Cell("fedbn", "dir0.1", 2))
-    assert (kn.norm, kn.strategy, kn.partition, kn.seed, kn.lr, kn.name) == ("kn", "fedavg", "dir0.1", 2, 0.02, "kn_dir0.1_s2")
-    assert (fedbn.norm, fedbn.strategy) == ("bn", "fedbn")
+    assert (kn.model.norm, kn.federation.strategy, kn.data.partition, kn.run.seed, kn.train.lr, kn.run.name) == (
+        "kn", "fedavg", "dir0.1", 2, 0.02, "kn_dir0.1_s2")
+    assert (fedbn.model.norm, fedbn.federation.strategy) == ("bn", "fedbn")
     same = {"norm", "strategy", "name"}
     assert {k: v for k, v in kn.to_flower().items() if k not in same} == {k: v for k, v in fedbn.to_flower().items() if k not in same}
-    assert cell_config(base, Cell("gn", "iid", 0, 0.1)).lr == 0.1
+    assert cell_config(base, Cell("gn", "iid", 0, 0.1)).train.lr == 0.1
 
 
 def test_cell_state_detects_finished_partial_and_foreign_dirs(tmp_path: Path) -> None:
@@ -246,7 +247,7 @@ def _stub_tuning(monkeypatch: pytest.MonkeyPatch, accuracy) -> list[str]:
         return []
 
     def validation_score(path):
-        return accuracy(RunDir(path).read_config().lr), 1.0, 100, "clients' val splits"
+        return accuracy(RunDir(path).read_config().train.lr), 1.0, 100, "clients' val splits"
 
     monkeypatch.setattr(grid, "run_cells", run_cells)
     monkeypatch.setattr(tuning, "validation_score", validation_score)
@@ -264,7 +265,7 @@ def test_tune_runs_the_extensions_reuses_scores_and_redoes_other_lengths(tmp_pat
     assert tune(base, [("kn", "iid")], spec, tmp_path)[("kn", "iid")].lr == 0.08 and ran == []  # all reused
     longer = tune(base, [("kn", "iid")], TuneSpec(spec.grid, 3, 0, "all"), tmp_path)[("kn", "iid")]
     assert longer.lr == 0.08 and len(ran) == 5  # planned with 2 rounds: every run again, at 3
-    assert RunDir(tmp_path / "tune" / "kn_iid_lr0.16_s0").read_config().num_rounds == 3
+    assert RunDir(tmp_path / "tune" / "kn_iid_lr0.16_s0").read_config().federation.num_rounds == 3
 
 
 def test_compare_stops_when_tuning_scores_are_near_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

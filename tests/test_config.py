@@ -28,10 +28,10 @@ def test_defaults_are_valid_and_match_pyproject_run_config():
         "clientapp": "fedkn.app.client_app:app",
     }
     # The README's defaults: digits, small KN model, 10 clients, Dirichlet 0.3, batch 8.
-    assert (cfg.dataset, cfg.model, cfg.norm, cfg.num_clients, cfg.partition, cfg.batch_size) == (
+    assert (cfg.data.dataset, cfg.model.name, cfg.model.norm, cfg.data.num_clients, cfg.data.partition, cfg.train.batch_size) == (
         "digits", "resnet8", "kn", 10, "dir0.3", 8,
     )
-    assert cfg.width <= 0.5 and cfg.strategy == "fedavg"
+    assert cfg.model.width <= 0.5 and cfg.federation.strategy == "fedavg"
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
@@ -44,22 +44,22 @@ def test_precedence_defaults_preset_overrides_sets(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('lr = 0.2\nnum-rounds = 7\nnorm = "gn"\n')
     cfg = RunConfig.from_sources(preset, {"norm": "ln", "num_rounds": 9}, ["num-rounds=11"])
-    assert (cfg.lr, cfg.norm, cfg.num_rounds, cfg.batch_size) == (0.2, "ln", 11, 8)
+    assert (cfg.train.lr, cfg.model.norm, cfg.federation.num_rounds, cfg.train.batch_size) == (0.2, "ln", 11, 8)
 
 
 def test_sets_are_typed_and_kebab_or_snake():
     cfg = RunConfig.from_sources(sets=["num_clients=4", "lr=1e-3", "augment=true", "name=x", "width=1"])
-    assert cfg.num_clients == 4 and isinstance(cfg.num_clients, int)
-    assert cfg.lr == 1e-3 and cfg.augment is True and cfg.name == "x"
-    assert cfg.width == 1.0 and isinstance(cfg.width, float)
+    assert cfg.data.num_clients == 4 and isinstance(cfg.data.num_clients, int)
+    assert cfg.train.lr == 1e-3 and cfg.data.augment is True and cfg.run.name == "x"
+    assert cfg.model.width == 1.0 and isinstance(cfg.model.width, float)
 
 
 def test_norm_fedbn_means_bn_with_fedbn_strategy():
     cfg = RunConfig.from_sources(sets=["norm=fedbn"])
-    assert (cfg.norm, cfg.strategy) == ("bn", "fedbn")
-    assert RunConfig(norm="fedbn").strategy == "fedbn"
+    assert (cfg.model.norm, cfg.federation.strategy) == ("bn", "fedbn")
+    assert RunConfig.of(norm="fedbn").federation.strategy == "fedbn"
     # Flower's run config carries every key, so the default strategy must give way:
-    assert RunConfig.from_flower({**RunConfig().to_flower(), "norm": "fedbn"}).strategy == "fedbn"
+    assert RunConfig.from_flower({**RunConfig().to_flower(), "norm": "fedbn"}).federation.strategy == "fedbn"
     assert cfg.run_name == "resnet8-bn-fedbn"
 
 
@@ -123,14 +123,14 @@ def test_preset_file_errors(tmp_path):
         load_toml(broken)
     wrapped = tmp_path / "wrapped.toml"
     wrapped.write_text("[config]\nlr = 0.3\n")
-    assert RunConfig.from_sources(wrapped).lr == 0.3
+    assert RunConfig.from_sources(wrapped).train.lr == 0.3
 
 
 def test_frozen_and_replace():
     cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.lr = 1.0  # type: ignore[misc]
-    assert cfg.replace(lr=0.5).lr == 0.5
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    assert cfg.replace(lr=0.5).train.lr == 0.5
     with pytest.raises(FedknError):
         cfg.replace(num_rounds=0)
 
@@ -152,7 +152,7 @@ def test_parse_sets_and_valid_keys():
     batch=st.integers(2, 64),
 )
 def test_round_trip_through_flower_and_sets(num_clients, lr, fraction, strategy, norm, batch):
-    cfg = RunConfig(num_clients=num_clients, lr=lr, fraction_train=fraction, strategy=strategy, norm=norm, batch_size=batch)
+    cfg = RunConfig.of(num_clients=num_clients, lr=lr, fraction_train=fraction, strategy=strategy, norm=norm, batch_size=batch)
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
     sets = [f"{k}={v}" for k, v in cfg.to_flower().items()]
     assert RunConfig.from_sources(sets=sets) == cfg
@@ -174,3 +174,49 @@ def test_cli_resume_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "not a fedkn run directory" in capsys.readouterr().err
+
+
+def test_every_flat_key_is_one_field_of_one_sub_config():
+    from fedkn.config import KEYS
+
+    cfg = RunConfig.of(lr=0.3, dp_delta=1e-6, client_dp_clip_lr=0.5, model="resnet8", seed=4)
+    assert (cfg.train.lr, cfg.privacy.delta, cfg.client_dp.clip_lr, cfg.model.name, cfg.run.seed) == (0.3, 1e-6, 0.5, "resnet8", 4)
+    targets = list(KEYS.values())
+    assert len(set(targets)) == len(targets) == len(valid_keys())
+    for key, (section, attr) in KEYS.items():
+        assert dataclasses.is_dataclass(getattr(cfg, section)) and hasattr(getattr(cfg, section), attr), key
+    assert sorted(k.replace("-", "_") for k in cfg.to_flower()) == sorted(KEYS)
+
+
+def test_sub_configs_check_their_own_values_and_name_the_flat_key():
+    from fedkn.config import ClientDPConfig, DataConfig, FederationConfig, PrivacyConfig, TrainConfig
+
+    assert TrainConfig(lr="0.5").lr == 0.5  # typed on construction, like the flat keys
+    for build, message in (
+        (lambda: TrainConfig(lr=0.0), "config key 'lr' must be positive, got 0.0"),
+        (lambda: DataConfig(test_fraction=0.6, val_fraction=0.5), "'test-fraction + val-fraction' must be below 1"),
+        (lambda: FederationConfig(strategy="fedsgd"), "config key 'strategy' must be one of fedavg"),
+        (lambda: PrivacyConfig(noise_multiplier=-1.0), "config key 'dp-noise-multiplier' must be 0 (off) or positive"),
+        (lambda: PrivacyConfig(enabled=True), "exactly one of dp-noise-multiplier and dp-target-epsilon"),
+        (lambda: ClientDPConfig(clip_lr=0.0), "config key 'client-dp-clip-lr' must be positive"),
+        (lambda: ClientDPConfig(mode="on"), "config key 'client-dp' must be one of off"),
+    ):
+        with pytest.raises(FedknError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+            build()
+    # Rules that relate sub-configs are checked where they meet: in RunConfig.
+    fed = FederationConfig(min_clients=5)
+    with pytest.raises(FedknError, match=r"'min-clients' must be in 1..num-clients \(3\)"):
+        RunConfig(data=DataConfig(num_clients=3), federation=fed)
+    assert RunConfig(data=DataConfig(num_clients=5), federation=fed).federation.min_clients == 5
+
+
+def test_config_imports_no_layer_above_it():
+    """fedkn.config is the bottom of the tree for strategies and the apps: importing it pulls in
+    neither Flower nor the strategies (they import it, not the other way round)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedkn.config; fedkn.config.RunConfig.of(norm='fedbn'); fedkn.config.RunConfig.of(client_dp='server-fixed'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('strategies', 'flwr', 'opacus')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -106,17 +106,6 @@ def test_tls_rejects_unregistered_supernode(tmp_path: Path, deployment_factory: 
     assert dep.online_nodes() == 0
 
 
-def _min_clients_supported() -> bool:
-    from fedkn.config import RunConfig
-
-    return "min_clients" in RunConfig.__dataclass_fields__
-
-
-needs_min_clients = pytest.mark.skipif(
-    not _min_clients_supported(), reason="RunConfig has no min-clients yet (lost-SuperNode handling; see docs/deployment.md)"
-)
-
-
 def _kill_after_round(dep: Deployment, out: Path, round_no: int, node: int, run_config: dict) -> tuple[Proc, str, float]:
     """Run `flwr run --stream` in the background; SIGKILL SuperNode `node` (and its ClientApp
     processes: a crashed machine) once round `round_no` is in metrics.csv; wait for the end.
@@ -142,7 +131,6 @@ def _kill_after_round(dep: Deployment, out: Path, round_no: int, node: int, run_
     return proc, proc.log.read_text(encoding="utf-8", errors="replace"), time.perf_counter() - t_kill
 
 
-@needs_min_clients
 def test_supernode_dies_run_completes(tmp_path: Path, deployment_factory: list[Deployment]) -> None:
     """A SuperNode killed mid-run: the server drops it (after Flower's heartbeat timeout) and goes on."""
     dep = _start(deployment_factory, tmp_path)
@@ -157,7 +145,6 @@ def test_supernode_dies_run_completes(tmp_path: Path, deployment_factory: list[D
     print(f"\nrun finished {after:.1f}s after SuperNode 1 was killed")
 
 
-@needs_min_clients
 def test_too_few_supernodes_run_stops_cleanly(tmp_path: Path, deployment_factory: list[Deployment]) -> None:
     """Below min-clients the run ends with one clear line and the last finished round saved."""
     dep = _start(deployment_factory, tmp_path)

@@ -23,11 +23,11 @@ def _bn_model(seed: int = 0) -> torch.nn.Module:
 
 def test_config_fixbn_is_bn_with_the_fixbn_rule_and_half_the_rounds_by_default():
     cfg = RunConfig.from_sources(sets=["norm=fixbn", "num-rounds=9"])
-    assert (cfg.norm, cfg.strategy, cfg.fixbn_freeze_after) == ("bn", "fixbn", 4)
-    assert RunConfig(norm="fixbn", fixbn_round=2).fixbn_freeze_after == 2
-    assert RunConfig.from_flower({**RunConfig().to_flower(), "norm": "fixbn"}).strategy == "fixbn"
-    assert [stats_frozen(cfg, r) for r in range(1, 10)] == [False] * 4 + [True] * 5
-    assert not stats_frozen(RunConfig(norm="bn"), 99)  # plain BN never freezes
+    assert (cfg.model.norm, cfg.federation.strategy, cfg.federation.fixbn_freeze_after) == ("bn", "fixbn", 4)
+    assert RunConfig.of(norm="fixbn", fixbn_round=2).federation.fixbn_freeze_after == 2
+    assert RunConfig.from_flower({**RunConfig().to_flower(), "norm": "fixbn"}).federation.strategy == "fixbn"
+    assert [stats_frozen(cfg.federation, r) for r in range(1, 10)] == [False] * 4 + [True] * 5
+    assert not stats_frozen(RunConfig.of(norm="bn").federation, 99)  # plain BN never freezes
     with pytest.raises(FedknError, match="norm 'fixbn' means norm 'bn' with strategy 'fixbn'"):
         RunConfig.from_sources(sets=["norm=fixbn", "strategy=fedprox"])
     with pytest.raises(FedknError, match="strategy 'fixbn' freezes the global BatchNorm statistics"):
@@ -37,7 +37,7 @@ def test_config_fixbn_is_bn_with_the_fixbn_rule_and_half_the_rounds_by_default()
     # In a comparison grid it is a norm label, like fedbn.
     assert parse_norms("kn,fixbn,nf") == ["kn", "fixbn", "nf"]
     cell_cfg = cell_config(RunConfig(), Cell("fixbn", "iid", 0))
-    assert (cell_cfg.norm, cell_cfg.strategy, norm_label(cell_cfg)) == ("bn", "fixbn", "fixbn")
+    assert (cell_cfg.model.norm, cell_cfg.federation.strategy, norm_label(cell_cfg)) == ("bn", "fixbn", "fixbn")
 
 
 def test_frozen_local_training_normalizes_with_the_global_statistics_and_leaves_them_unchanged():

@@ -16,9 +16,9 @@ def _model(norm: str) -> torch.nn.Module:
 
 def test_only_fedbn_keeps_keys_local_and_they_are_every_batchnorm_key():
     bn = _model("bn")
-    assert local_keys(RunConfig(norm="fedbn"), bn) == batchnorm_keys(bn) != []
-    assert local_keys(RunConfig(norm="bn"), bn) == [] and local_keys(RunConfig(norm="fixbn"), bn) == []
-    assert local_keys(RunConfig(norm="fedbn"), _model("kn")) == []  # rejected by config validation anyway
+    assert local_keys(RunConfig.of(norm="fedbn").federation, bn) == batchnorm_keys(bn) != []
+    assert local_keys(RunConfig.of(norm="bn").federation, bn) == [] and local_keys(RunConfig.of(norm="fixbn").federation, bn) == []
+    assert local_keys(RunConfig.of(norm="fedbn").federation, _model("kn")) == []  # rejected by config validation anyway
 
 
 def test_a_clients_copy_replaces_exactly_the_local_keys_and_split_undoes_it():

@@ -51,4 +51,4 @@ def test_report_legend_says_what_each_norm_is():
 def test_each_new_norm_has_a_preset(norm, preset):
     cfg = RunConfig.from_sources(ROOT / "configs" / preset)
     expected = (RULE_NORMS[norm][0], norm) if norm in RULE_NORMS else (norm, "fedavg")
-    assert (cfg.norm, cfg.strategy) == expected
+    assert (cfg.model.norm, cfg.federation.strategy) == expected

@@ -147,7 +147,7 @@ def test_bad_dp_sgd_settings_exit_2(tmp_path, capsys, sets, fragment):
     [
         (["client-dp=server-fixed", "strategy=fedadam"], "needs strategy fedavg or fedprox"),
         (["client-dp=server-adaptive", "client-dp-noise-multiplier=1"], "count-stddev above 0.5"),
-        (["client-dp=central"], "client-level DP mode must be one of"),
+        (["client-dp=central"], "config key 'client-dp' must be one of off"),
     ],
 )
 def test_bad_client_dp_settings_exit_2(tmp_path, capsys, sets, fragment):

@@ -17,11 +17,10 @@ from flwr.serverapp.strategy import (
 )
 from opacus.accountants import RDPAccountant
 
+from fedkn.config import CLIENT_DP_MODES, ClientDPConfig
 from fedkn.errors import FedknError
 from strategies.dp import (
-    MODES,
     UNIFORM_WEIGHT_KEY,
-    ClientDPSettings,
     client_level_guarantee,
     client_mod,
     wrap_strategy,
@@ -48,10 +47,10 @@ def _fedavg(**kw):
                        seed=0, weighted_by_key=UNIFORM_WEIGHT_KEY, **kw)
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "off"])
+@pytest.mark.parametrize("mode", [m for m in CLIENT_DP_MODES if m != "off"])
 def test_wrappers_build_and_forward_fedkn_api(mode):
     inner = _fedavg()
-    settings = ClientDPSettings(mode=mode, noise_multiplier=0.5, clipping_norm=2.0, clipped_count_stddev=1.0)
+    settings = ClientDPConfig(mode=mode, noise_multiplier=0.5, clipping_norm=2.0, count_stddev=1.0)
     dp = wrap_strategy(inner, settings, num_sampled_clients=5)
     assert isinstance(dp, FLOWER_CLASS[mode])
     assert dp.strategy is inner
@@ -73,30 +72,30 @@ def test_wrappers_build_and_forward_fedkn_api(mode):
 
 def test_off_returns_the_strategy_and_mods_match_modes():
     inner = _fedavg()
-    assert wrap_strategy(inner, ClientDPSettings(), num_sampled_clients=5) is inner
+    assert wrap_strategy(inner, ClientDPConfig(), num_sampled_clients=5) is inner
     assert client_mod("client-fixed") is fixedclipping_mod
     assert client_mod("client-adaptive") is adaptiveclipping_mod
     assert client_mod("server-fixed") is None and client_mod("off") is None
 
 
 def test_guarantee_needs_uniform_averaging():
-    settings = ClientDPSettings(mode="server-fixed")
+    settings = ClientDPConfig(mode="server-fixed")
     weighted = FedknFedAvg(fraction_train=0.5, seed=0)  # weighs by num-examples
     with pytest.raises(FedknError, match=UNIFORM_WEIGHT_KEY):
         wrap_strategy(weighted, settings, num_sampled_clients=5)
     with pytest.raises(FedknError, match="fedavg or fedprox"):
         wrap_strategy(FedknFedAdam(seed=0, weighted_by_key=UNIFORM_WEIGHT_KEY), settings, num_sampled_clients=5,
                       strategy_name="fedadam")
-    with pytest.raises(FedknError, match="mode"):
-        ClientDPSettings(mode="local")
+    with pytest.raises(FedknError, match="'client-dp' must be one of off"):
+        ClientDPConfig(mode="local")
     with pytest.raises(FedknError, match="count-stddev above 0.5"):  # Flower's default m/20 = 0.25
-        wrap_strategy(_fedavg(), ClientDPSettings(mode="server-adaptive", noise_multiplier=1.0), num_sampled_clients=5)
+        wrap_strategy(_fedavg(), ClientDPConfig(mode="server-adaptive", noise_multiplier=1.0), num_sampled_clients=5)
 
 
 def test_client_error_still_stops_the_run():
     from strategies.base import ClientFailure
 
-    dp = wrap_strategy(_fedavg(), ClientDPSettings(mode="server-fixed"), num_sampled_clients=1)
+    dp = wrap_strategy(_fedavg(), ClientDPConfig(mode="server-fixed"), num_sampled_clients=1)
     dp.bind({7: 0})
     reply = _reply(7, error=Error(code=2, reason="FedknError: the data is gone"))
     with pytest.raises(ClientFailure, match="data is gone"):
@@ -106,7 +105,7 @@ def test_client_error_still_stops_the_run():
 def test_server_side_clipping_and_noise_on_uniform_average():
     """End to end through the wrapper: updates are clipped to C, averaged uniformly, noised."""
     inner = _fedavg()
-    dp = wrap_strategy(inner, ClientDPSettings(mode="server-fixed", noise_multiplier=0.0, clipping_norm=1.0),
+    dp = wrap_strategy(inner, ClientDPConfig(mode="server-fixed", noise_multiplier=0.0, clipping_norm=1.0),
                        num_sampled_clients=2)
     dp.bind({11: 0, 12: 1})
     current = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
@@ -140,14 +139,17 @@ def test_guarantee_is_monotone_and_matches_opacus():
         client_level_guarantee(1.0, 60, 50, 3, 1e-5)
 
 
-def test_settings_from_config_keys():
+def test_client_dp_keys_fill_the_client_dp_sub_config():
     from fedkn.config import RunConfig
-    from strategies.dp import settings_from_config
 
-    assert not settings_from_config(RunConfig(strategy="fedadam")).enabled  # client-dp off by default
+    assert not RunConfig.of(strategy="fedadam").client_dp.enabled  # client-dp off by default
     keys = {"client_dp": "client-adaptive", "client_dp_noise_multiplier": 0.8, "client_dp_clipping_norm": 0.1,
             "client_dp_count_stddev": 0.0, "num_clients": 100, "fraction_train": 0.5}
-    s = settings_from_config(RunConfig(**keys))
-    assert s.adaptive and s.clipped_count_stddev is None and s.noise_multiplier == 0.8 and s.clipping_norm == 0.1
+    cfg = RunConfig.of(**keys)
+    s = cfg.client_dp
+    assert s.adaptive and s.count_stddev == 0.0 and s.noise_multiplier == 0.8 and s.clipping_norm == 0.1
+    assert s.count_noise(cfg.clients_per_round) == 50 / 20  # Flower's default: clients per round / 20
     with pytest.raises(FedknError, match="fedavg or fedprox"):  # the rule runs in config validation
-        RunConfig(**keys, norm="fedbn")
+        RunConfig.of(**keys, norm="fedbn")
+    with pytest.raises(FedknError, match="count-stddev above 1"):  # and so does Flower's adaptive condition
+        RunConfig.of(**{**keys, "client_dp_noise_multiplier": 2.0, "num_clients": 20})

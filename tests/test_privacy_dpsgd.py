@@ -231,12 +231,12 @@ def test_settings_from_config_keys():
     from fedkn.config import RunConfig
     from fedkn.privacy.dpsgd import settings_from_config
 
-    assert settings_from_config(RunConfig(norm="bn")) is None  # dp-sgd off
+    assert settings_from_config(RunConfig.of(norm="bn").privacy) is None  # dp-sgd off
     keys = {"dp_sgd": True, "dp_noise_multiplier": 0.0, "dp_target_epsilon": 8.0, "dp_max_grad_norm": 1.5,
             "dp_delta": 1e-5, "dp_accountant": "prv"}
-    s = settings_from_config(RunConfig(norm="gn", **keys))
+    s = settings_from_config(RunConfig.of(norm="gn", **keys).privacy)
     assert (s.target_epsilon, s.noise_multiplier, s.max_grad_norm, s.accountant) == (8.0, None, 1.5, "prv")
     with pytest.raises(FedknError, match="kn, gn"):  # these run in config validation
-        RunConfig(norm="bn", **keys)
+        RunConfig.of(norm="bn", **keys)
     with pytest.raises(FedknError, match="exactly one"):
-        RunConfig(norm="gn", **{**keys, "dp_noise_multiplier": 1.0})
+        RunConfig.of(norm="gn", **{**keys, "dp_noise_multiplier": 1.0})

@@ -12,7 +12,7 @@ from fedkn.summary import RunSummary
 
 
 def _recorder(tmp_path, **kw):
-    cfg = RunConfig(num_rounds=3, output_dir=str(tmp_path), **kw)
+    cfg = RunConfig.of(num_rounds=3, output_dir=str(tmp_path), **kw)
     run_dir = RunDir.create(cfg)
     return cfg, run_dir, RunRecorder(run_dir, cfg, model_parameters=7, device="cpu", centralized=True)
 
@@ -63,7 +63,7 @@ def test_dp_sgd_epsilon_is_the_running_maximum_and_extra_fields_join_the_summary
     row = _round(rec, 2, 0.3, **{"dp-epsilon": 1.5, "dp-epsilon-round": 0.4})  # a client that trained less
     assert row["dp_epsilon"] == 2.0 and row["dp_epsilon_round"] == 0.4
     s = rec.finish("failed", "boom")
-    assert (s.dp_epsilon, s.dp_delta, s.dp_statement, s.error) == (2.0, cfg.dp_delta, "eps 2 after 2", "boom")
+    assert (s.dp_epsilon, s.dp_delta, s.dp_statement, s.error) == (2.0, cfg.privacy.delta, "eps 2 after 2", "boom")
 
 
 def test_summary_json_round_trips_and_tolerates_old_or_missing_files(tmp_path):

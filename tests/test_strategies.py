@@ -221,7 +221,7 @@ def test_fixbn_averages_statistics_until_fixbn_round_then_keeps_the_global_ones(
     model = _bn_model()
     stat_keys = batchnorm_stat_keys(model)
     assert stat_keys and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in stat_keys)
-    s = build_strategy(RunConfig(norm="fixbn", num_rounds=4), stat_keys=stat_keys)
+    s = _build(RunConfig.of(norm="fixbn", num_rounds=4), stat_keys=stat_keys)
     assert isinstance(s, FixBN) and s.freeze_after == 2
     s.bind(NODES)
     state = model.state_dict()
@@ -243,20 +243,26 @@ def test_fixbn_averages_statistics_until_fixbn_round_then_keeps_the_global_ones(
         state = new
 
 
+def _build(cfg: RunConfig, **keys):
+    """``build_strategy`` as the server app calls it, from a whole RunConfig."""
+    return build_strategy(cfg.federation, seed=cfg.run.seed, client_lr=cfg.train.lr,
+                          uniform_weights=cfg.client_dp.enabled, **keys)
+
+
 def test_build_strategy_for_every_name():
-    assert isinstance(build_strategy(RunConfig()), FedknFedAvg)
-    assert build_strategy(RunConfig(strategy="fedprox", proximal_mu=0.5)).proximal_mu == 0.5
-    m = build_strategy(RunConfig(strategy="fedavgm", server_momentum=0.7))
+    assert isinstance(_build(RunConfig()), FedknFedAvg)
+    assert _build(RunConfig.of(strategy="fedprox", proximal_mu=0.5)).proximal_mu == 0.5
+    m = _build(RunConfig.of(strategy="fedavgm", server_momentum=0.7))
     assert isinstance(m, FedknFedAvgM) and m.server_momentum == 0.7
-    a = build_strategy(RunConfig(strategy="fedadam", fedadam_eta=0.02))
+    a = _build(RunConfig.of(strategy="fedadam", fedadam_eta=0.02))
     assert isinstance(a, FedknFedAdam) and a.eta == 0.02
-    fb = build_strategy(RunConfig(norm="fedbn"), local_keys=batchnorm_keys(_bn_model()))
+    fb = _build(RunConfig.of(norm="fedbn"), local_keys=batchnorm_keys(_bn_model()))
     assert isinstance(fb, FedBN)
     with pytest.raises(FedknError, match="needs a model with BatchNorm"):
-        build_strategy(RunConfig(norm="fedbn"))
-    s = build_strategy(RunConfig(num_clients=7, fraction_train=0.5, fraction_evaluate=0.2))
+        _build(RunConfig.of(norm="fedbn"))
+    s = _build(RunConfig.of(num_clients=7, fraction_train=0.5, fraction_evaluate=0.2))
     assert (s.fraction_train, s.fraction_evaluate, s.min_available_nodes, s.min_clients) == (0.5, 0.2, 1, 1)
-    s = build_strategy(RunConfig(num_clients=7, min_clients=3))
+    s = _build(RunConfig.of(num_clients=7, min_clients=3))
     assert (s.min_available_nodes, s.min_clients) == (3, 3)
 
 

@@ -55,9 +55,9 @@ from fedkn.protocol import (
     WEIGHT_KEY,
 )
 from fedkn.results import load_client_state, save_client_state
+from fedkn.sampling import sample_partitions
 from fedkn.train import default_device, evaluate, train_local
 from strategies.fixbn import stats_frozen
-from strategies.sampling import sample_partitions, sample_size
 
 app = ClientApp()
 
@@ -117,20 +117,20 @@ def partition_of(context: Context, num_clients: int | None = None) -> tuple[int,
 def node_data_config(cfg: RunConfig, node_config: Any) -> RunConfig:
     """The run config as this SuperNode sees it: its own ``data-dir``; its ``dataset`` must be the run's."""
     dataset = node_config.get("dataset")
-    if dataset is not None and str(dataset) != cfg.dataset:
-        raise FedknError(f"this SuperNode holds dataset '{dataset}' (node config) but the run trains on '{cfg.dataset}'")
+    if dataset is not None and str(dataset) != cfg.data.dataset:
+        raise FedknError(f"this SuperNode holds dataset '{dataset}' (node config) but the run trains on '{cfg.data.dataset}'")
     data_dir = node_config.get("data-dir")
-    return cfg.replace(data_dir=str(data_dir)) if data_dir is not None and str(data_dir) != cfg.data_dir else cfg
+    return cfg.replace(data_dir=str(data_dir)) if data_dir is not None and str(data_dir) != cfg.data.data_dir else cfg
 
 
 def node_federation(cfg: RunConfig, node_config: Any) -> Federation:
     """The data this client trains on: partition ``partition-id`` of the run's partitioned dataset, or,
     with node config ``local-data=true``, all of this SuperNode's own dataset (split train/test)."""
     if str(node_config.get("local-data", "false")).lower() in ("true", "1", "yes"):
-        own = build_federation(cfg.dataset, 1, "iid", cfg.seed, data_dir=cfg.data_dir or None,
-                               test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction)
+        own = build_federation(cfg.data.dataset, 1, "iid", cfg.run.seed, data_dir=cfg.data.data_dir or None,
+                               test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction)
         # Whatever its partition id, this client's data is the whole local dataset.
-        return dataclasses.replace(own, clients=(own.client(0),) * cfg.num_clients)
+        return dataclasses.replace(own, clients=(own.client(0),) * cfg.data.num_clients)
     return task.federation(cfg)
 
 
@@ -147,13 +147,13 @@ def _local_state(context: Context, extras: dict[str, Any], pid: int, up_to_round
 def _prepare(msg: Message, context: Context, *, for_round: int) -> tuple[RunConfig, dict[str, Any], int, Any, torch.nn.Module, list[str]]:
     cfg, extras = parse_message_config(msg)
     cfg = node_data_config(cfg, context.node_config)
-    pid, _ = partition_of(context, cfg.num_clients)
+    pid, _ = partition_of(context, cfg.data.num_clients)
     fed = node_federation(cfg, context.node_config)
     model = task.cached_model(cfg)
     if ARRAYS_RECORD not in msg.content.array_records:
         raise FedknError(f"message carries no '{ARRAYS_RECORD}' record")
     state = dict(msg.content.array_records[ARRAYS_RECORD].to_torch_state_dict())
-    keys = local_keys(cfg, model)
+    keys = local_keys(cfg.federation, model)
     if keys:
         local = _local_state(context, extras, pid, for_round)
         # never trained yet: the model's initial state of those keys
@@ -176,10 +176,10 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Local training; under client-side client-level DP, Flower's clipping mod wraps it."""
     cfg, _ = parse_message_config(msg)
-    if cfg.client_dp != "off":
+    if cfg.client_dp.enabled:
         from strategies.dp import client_mod
 
-        mod = client_mod(cfg.client_dp)
+        mod = client_mod(cfg.client_dp.mode)
         if mod is not None:
             return mod(msg, context, _train)
     return _train(msg, context)
@@ -193,10 +193,10 @@ def _train(msg: Message, context: Context) -> Message:
     seed = task.client_seed(cfg, server_round, pid)
     torch.manual_seed(seed)  # KernelNorm's dropout (and DP-SGD's noise) draw from the global generator
     generator = torch.Generator().manual_seed(seed)
-    mu = float(extras.get(PROXIMAL_MU, cfg.proximal_mu)) if cfg.strategy == "fedprox" else 0.0
+    mu = float(extras.get(PROXIMAL_MU, cfg.federation.proximal_mu)) if cfg.federation.strategy == "fedprox" else 0.0
     idx = fed.client(pid).train
     private = _make_private(cfg, model, len(idx))
-    pieces: dict[str, Any] = {"steps": cfg.local_steps or None}
+    pieces: dict[str, Any] = {"steps": cfg.train.local_steps or None}
     if private is not None:
         pieces = {"steps": private.steps_per_round, "make_optimizer_fn": private.make_optimizer,
                   "make_batches_fn": private.make_batches, "train_step_fn": private.train_step}
@@ -205,17 +205,17 @@ def _train(msg: Message, context: Context) -> Message:
             model,
             fed.train_set,
             idx,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            epochs=cfg.local_epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+            epochs=cfg.train.local_epochs,
             proximal_mu=mu,
             generator=generator,
             device=default_device(),
             preprocess=task.preprocess(cfg, fed.train_set, train=True),
             agc_clip=cfg.agc_ratio,
-            freeze_batchnorm_stats=stats_frozen(cfg, server_round),
+            freeze_batchnorm_stats=stats_frozen(cfg.federation, server_round),
             **pieces,
         )
     finally:
@@ -236,7 +236,7 @@ def _train(msg: Message, context: Context) -> Message:
     )
     if private is not None:
         metrics.update(private.metrics(_privacy_ledger(cfg, pid, server_round, private)))
-    if cfg.client_dp != "off":
+    if cfg.client_dp.enabled:
         metrics[UNIFORM_WEIGHT_KEY] = 1
     content = RecordDict({ARRAYS_RECORD: ArrayRecord.from_torch_state_dict(shared), METRICS_RECORD: metrics})
     return Message(content=content, reply_to=msg)
@@ -244,26 +244,27 @@ def _train(msg: Message, context: Context) -> Message:
 
 def _make_private(cfg: RunConfig, model: torch.nn.Module, num_samples: int) -> Any:
     """This round's DP-SGD plan (:class:`fedkn.privacy.PrivateTraining`), or None without dp-sgd."""
-    if not cfg.dp_sgd or num_samples == 0:
+    if not cfg.privacy.enabled or num_samples == 0:
         return None
     from fedkn.privacy.dpsgd import make_private, settings_from_config
 
-    return make_private(model, num_samples=num_samples, batch_size=cfg.batch_size, settings=settings_from_config(cfg),
-                        local_epochs=cfg.local_epochs, local_steps=cfg.local_steps, rounds=cfg.num_rounds)
+    train = cfg.train
+    return make_private(model, num_samples=num_samples, batch_size=train.batch_size, settings=settings_from_config(cfg.privacy),
+                        local_epochs=train.local_epochs, local_steps=train.local_steps, rounds=cfg.federation.num_rounds)
 
 
 def _privacy_ledger(cfg: RunConfig, pid: int, server_round: int, private: Any) -> Any:
     """This client's DP-SGD history up to ``server_round``, rebuilt rather than stored.
 
-    Sampling is deterministic (:mod:`strategies.sampling`) and a client's plan (noise, sampling
+    Sampling is deterministic (:mod:`fedkn.sampling`) and a client's plan (noise, sampling
     rate, steps) is the same in every round, so every earlier round this client was sampled in
     cost exactly this round's plan. Rebuilding it needs no client state and stays right after
     ``--resume`` (whose clients start with a fresh Context).
     """
     ledger = private.new_ledger()
-    m = sample_size(cfg.num_clients, cfg.fraction_train)
+    m = cfg.clients_per_round
     for r in range(1, server_round):
-        if pid in sample_partitions(cfg.num_clients, m, seed=cfg.seed, server_round=r, phase="train"):
+        if pid in sample_partitions(cfg.data.num_clients, m, seed=cfg.run.seed, server_round=r, phase="train"):
             ledger.record(r, private.noise_multiplier, private.sample_rate, private.steps_per_round)
     private.record(ledger, server_round)
     return ledger
@@ -278,7 +279,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         model,
         fed.train_set,
         fed.client(pid).test,
-        batch_size=cfg.eval_batch_size,
+        batch_size=cfg.train.eval_batch_size,
         device=default_device(),
         preprocess=task.preprocess(cfg, fed.train_set, train=False),
     )
@@ -289,7 +290,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
             WEIGHT_KEY: int(result.num_examples),
         }
     )
-    if cfg.client_dp != "off":  # Flower's FedAvg wants the weight key in evaluate replies too
+    if cfg.client_dp.enabled:  # Flower's FedAvg wants the weight key in evaluate replies too
         metrics[UNIFORM_WEIGHT_KEY] = 1
     return Message(content=RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
 

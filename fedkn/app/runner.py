@@ -43,9 +43,9 @@ def run_in_dir(
         simulate(
             server_app,
             client_app.app,
-            num_clients=cfg.num_clients,
-            num_cpus=cfg.client_num_cpus,
-            num_gpus=cfg.client_num_gpus,
+            num_clients=cfg.data.num_clients,
+            num_cpus=cfg.run.client_num_cpus,
+            num_gpus=cfg.run.client_num_gpus,
             log_file=run_dir.path / "flower.log",
             verbose=verbose,
             ray_address=ray_address,

@@ -41,7 +41,7 @@ from fedkn.protocol import CLIENT_STATE_DIR, CONFIG_RECORD, NUM_PARTITIONS, PART
 from fedkn.recorder import Progress, RunRecorder, RunSummary
 from fedkn.results import RunDir
 from fedkn.train import default_device, evaluate
-from strategies import ClientFailure, RoundRecord, build_strategy, sample_size
+from strategies import ClientFailure, RoundRecord, build_strategy
 
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
 
@@ -54,21 +54,21 @@ def format_progress(row: dict[str, Any], cfg: RunConfig) -> str:
         return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
     line = (
-        f"round {row['round']:>3}/{cfg.num_rounds}  test acc {pct(row['test_accuracy'])}  loss {num(row['test_loss'])}"
+        f"round {row['round']:>3}/{cfg.federation.num_rounds}  test acc {pct(row['test_accuracy'])}  loss {num(row['test_loss'])}"
         f"  | clients acc {pct(row['fed_eval_accuracy'])}  | train loss {num(row['train_loss'])}"
     )
-    if cfg.dp_sgd:
+    if cfg.privacy.enabled:
         line += f"  | eps {num(row['dp_epsilon'])}"
     return line + f"  | {row['elapsed_s']:6.1f}s"
 
 
 def dp_sgd_statement(cfg: RunConfig, eps: float, rounds: int) -> str:
     """What a DP-SGD run's ``eps`` (max cumulative epsilon over the clients) guarantees."""
-    noise = (f"noise calibrated to target epsilon {cfg.dp_target_epsilon:g} over {cfg.num_rounds} rounds"
-             if cfg.dp_target_epsilon > 0 else f"noise multiplier {cfg.dp_noise_multiplier:g}")
+    noise = (f"noise calibrated to target epsilon {cfg.privacy.target_epsilon:g} over {cfg.federation.num_rounds} rounds"
+             if cfg.privacy.target_epsilon > 0 else f"noise multiplier {cfg.privacy.noise_multiplier:g}")
     return (
-        f"sample-level (epsilon = {eps:.3g}, delta = {cfg.dp_delta:g})-DP for every client's training data after "
-        f"{rounds} rounds (DP-SGD with per-sample clipping to {cfg.dp_max_grad_norm:g}, {noise}, {cfg.dp_accountant} "
+        f"sample-level (epsilon = {eps:.3g}, delta = {cfg.privacy.delta:g})-DP for every client's training data after "
+        f"{rounds} rounds (DP-SGD with per-sample clipping to {cfg.privacy.max_grad_norm:g}, {noise}, {cfg.privacy.accountant} "
         "accountant; max over clients; add/remove one example; reported client metrics are not covered)"
     )
 
@@ -124,24 +124,24 @@ def _state_to_tensors(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def server_strategy(cfg: RunConfig, model: torch.nn.Module) -> tuple[Strategy, list[str], Callable[[RunSummary], dict[str, Any]]]:
     """The configured strategy (wrapped for client-level DP), the model keys that stay on the
     clients, and what a summary adds (the privacy statements, FedBN's note)."""
-    kept = local_keys(cfg, model)
-    strategy: Strategy = build_strategy(cfg, local_keys=kept, stat_keys=batchnorm_stat_keys(model))
-    sampled = sample_size(cfg.num_clients, cfg.fraction_train)
-    client_dp = None
-    if cfg.client_dp != "off":
-        from strategies.dp import client_level_guarantee, settings_from_config, wrap_strategy
+    kept = local_keys(cfg.federation, model)
+    strategy: Strategy = build_strategy(cfg.federation, seed=cfg.run.seed, client_lr=cfg.train.lr,
+                                        uniform_weights=cfg.client_dp.enabled, local_keys=kept,
+                                        stat_keys=batchnorm_stat_keys(model))
+    sampled, client_dp = cfg.clients_per_round, cfg.client_dp
+    if client_dp.enabled:
+        from strategies.dp import client_level_guarantee, wrap_strategy
 
-        client_dp = settings_from_config(cfg)
-        strategy = wrap_strategy(strategy, client_dp, num_sampled_clients=sampled, strategy_name=cfg.strategy)
+        strategy = wrap_strategy(strategy, client_dp, num_sampled_clients=sampled, strategy_name=cfg.federation.strategy)
 
     def extra(summary: RunSummary) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if summary.dp_epsilon is not None:
             out["dp_statement"] = dp_sgd_statement(cfg, summary.dp_epsilon, summary.rounds_completed)
-        if client_dp is not None:
+        if client_dp.enabled:
             out["client_dp"] = client_level_guarantee(
-                client_dp.noise_multiplier, sampled, cfg.num_clients, summary.rounds_completed, client_dp.delta).as_dict()
-        if cfg.local_keys_stay_local:
+                client_dp.noise_multiplier, sampled, cfg.data.num_clients, summary.rounds_completed, client_dp.delta).as_dict()
+        if cfg.federation.keeps_local_state:
             out["note"] = "FedBN keeps BatchNorm on the clients: use fed_eval (clients' test splits), not test"
         return out
 
@@ -161,11 +161,10 @@ class RoundEnd:
     def test(self, arrays: ArrayRecord, r: int) -> tuple[float, float]:
         # eval-every > 1 trades the resolution of the test curve for time (a 10k-image test set can
         # cost more than a round's training on a CPU); round 0 and the final round are always scored.
-        cfg = self.cfg
-        if cfg.local_keys_stay_local or (r % cfg.eval_every and r != cfg.num_rounds):
+        if not self.cfg.federation.evaluates_centrally(r):
             return math.nan, math.nan
         task.load_weights(self.model, dict(arrays.to_torch_state_dict()))
-        res = evaluate(self.model, self.fed.test_set, None, cfg.eval_batch_size, default_device(), self.test_pre)
+        res = evaluate(self.model, self.fed.test_set, None, self.cfg.train.eval_batch_size, default_device(), self.test_pre)
         return res.loss, res.accuracy
 
     def __call__(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -186,9 +185,9 @@ class RoundEnd:
 def _federate(grid: Grid, cfg: RunConfig, strategy: Strategy, model: torch.nn.Module, round_end: RoundEnd,
               client_config: dict[str, Any]) -> None:
     """Find the SuperNodes' partitions, then run the remaining rounds with Flower's strategy loop."""
-    partition_of = discover_partitions(grid, cfg.num_clients, cfg.round_timeout)
+    partition_of = discover_partitions(grid, cfg.data.num_clients, cfg.federation.round_timeout)
     strategy.bind(partition_of, round_offset=round_end.start_round)
-    remaining = cfg.num_rounds - round_end.start_round
+    remaining = cfg.federation.num_rounds - round_end.start_round
     if remaining <= 0:
         return
     initial = ArrayRecord.from_torch_state_dict(model.state_dict())
@@ -197,7 +196,7 @@ def _federate(grid: Grid, cfg: RunConfig, strategy: Strategy, model: torch.nn.Mo
         grid=grid,
         initial_arrays=initial,
         num_rounds=remaining,
-        timeout=cfg.round_timeout,
+        timeout=cfg.federation.round_timeout,
         train_config=ConfigRecord(dict(client_config)),
         evaluate_config=ConfigRecord(dict(client_config)),
         evaluate_fn=round_end,
@@ -237,7 +236,7 @@ def run_server(
     model = task.new_model(cfg, fed.train_set)
     strategy, kept, extra = server_strategy(cfg, model)
     recorder = RunRecorder(run_dir, cfg, model_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                           device=str(default_device()), centralized=not cfg.local_keys_stay_local,
+                           device=str(default_device()), centralized=not cfg.federation.keeps_local_state,
                            extra=extra, progress=progress)
     ckpt = run_dir.load_checkpoint()
     if ckpt is not None:

@@ -20,26 +20,26 @@ from fedkn.nn.norms import NORMS
 def federation(cfg: RunConfig) -> Federation:
     """The run's partitioned data (``fedkn.data`` caches it per process)."""
     return build_federation(
-        cfg.dataset,
-        cfg.num_clients,
-        cfg.partition,
-        cfg.seed,
-        data_dir=cfg.data_dir or None,
-        test_fraction=cfg.test_fraction,
-        val_fraction=cfg.val_fraction,
+        cfg.data.dataset,
+        cfg.data.num_clients,
+        cfg.data.partition,
+        cfg.run.seed,
+        data_dir=cfg.data.data_dir or None,
+        test_fraction=cfg.data.test_fraction,
+        val_fraction=cfg.data.val_fraction,
     )
 
 
 def new_model(cfg: RunConfig, dataset: ImageDataset) -> nn.Module:
     """The run's model, initialized from the run seed (same weights in every run with that seed)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         return build(
-            cfg.model,
-            cfg.norm,
+            cfg.model.name,
+            cfg.model.norm,
             num_classes=dataset.num_classes,
             in_channels=dataset.in_channels,
-            width=cfg.width,
+            width=cfg.model.width,
             image_size=dataset.image_size,
         )
 
@@ -52,7 +52,7 @@ def cached_model(cfg: RunConfig) -> nn.Module:
 
 def preprocess(cfg: RunConfig, dataset: ImageDataset, *, train: bool) -> Preprocess:
     """Raw [0, 1] pixels for KernelNorm models, mean/std-normalized pixels for the others."""
-    return preprocess_for(dataset, normalize=not NORMS[cfg.norm].raw_pixels, augment=cfg.augment and train)
+    return preprocess_for(dataset, normalize=not NORMS[cfg.model.norm].raw_pixels, augment=cfg.data.augment and train)
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -73,5 +73,5 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     """One 63-bit seed per (run seed, round, client): local shuffling, augmentation, KN dropout."""
-    seq = np.random.SeedSequence([cfg.seed, server_round, partition_id, 0x6B6E])
+    seq = np.random.SeedSequence([cfg.run.seed, server_round, partition_id, 0x6B6E])
     return int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -163,7 +163,7 @@ def _tune_spec(args: argparse.Namespace, base: RunConfig, partitions: list[str],
 
     if args.lr_grid is not None:
         grid = parse_lr_grid(args.lr_grid)
-        rounds = args.tune_rounds if args.tune_rounds is not None else max(1, base.num_rounds // 2)
+        rounds = args.tune_rounds if args.tune_rounds is not None else max(1, base.federation.num_rounds // 2)
         if rounds < 1:
             raise FedknError(f"--tune-rounds must be at least 1, got {rounds}")
         tune_seed = args.tune_seed if args.tune_seed is not None else seeds[0]
@@ -232,7 +232,7 @@ def compare_command(args: argparse.Namespace) -> int:
         f"fedkn compare: {len(norms)} norms x {len(partitions)} partitions x {len(seeds)} seeds = {len(cells)} cells"
         + (f", running {len(selected)} (--only)" if args.only else "")
         + (f"; lr tuning: {len(groups)} groups x {len(spec.grid)} lrs" if spec else "")
-        + f"; {base.model} x{base.width:g}, {base.dataset}, {base.num_clients} clients, {base.num_rounds} rounds",
+        + f"; {base.model.name} x{base.model.width:g}, {base.data.dataset}, {base.data.num_clients} clients, {base.federation.num_rounds} rounds",
         flush=True,
     )
     print(f"output: {out}", flush=True)

@@ -69,10 +69,10 @@ def resolve(args: argparse.Namespace) -> tuple[Any, Any, bool]:
             allowed = ", ".join(sorted(k.replace("_", "-") for k in RESUMABLE_KEYS))
             raise FedknError(f"cannot change {', '.join(locked)} when resuming (only {allowed})")
         cfg = RunConfig.from_dict({**saved.to_flower(), **changes})
-        if cfg.dp_sgd and cfg.dp_target_epsilon > 0 and cfg.num_rounds != saved.num_rounds:
+        if cfg.privacy.enabled and cfg.privacy.target_epsilon > 0 and cfg.federation.num_rounds != saved.federation.num_rounds:
             raise FedknError(
                 f"cannot change num-rounds when resuming a run with dp-target-epsilon: its noise was calibrated "
-                f"to {saved.num_rounds} rounds (set dp-noise-multiplier instead for runs you want to extend)"
+                f"to {saved.federation.num_rounds} rounds (set dp-noise-multiplier instead for runs you want to extend)"
             )
         if cfg != saved:
             run_dir.write_config(cfg)
@@ -113,13 +113,13 @@ def run_command(args: argparse.Namespace) -> int:
     if resumed:
         ckpt = run_dir.load_checkpoint()
         ckpt_round = ckpt.round if ckpt is not None else 0
-        if ckpt_round >= cfg.num_rounds:
-            print(f"fedkn: {run_dir.path} already finished {ckpt_round} of {cfg.num_rounds} rounds; nothing to do")
+        if ckpt_round >= cfg.federation.num_rounds:
+            print(f"fedkn: {run_dir.path} already finished {ckpt_round} of {cfg.federation.num_rounds} rounds; nothing to do")
             print("  (extend it with --set num-rounds=N)")
             return 0
     print(
-        f"fedkn run: {cfg.model} x{cfg.width:g} with {cfg.norm}, {cfg.strategy}, {cfg.dataset} over "
-        f"{cfg.num_clients} clients ({cfg.partition}), {cfg.num_rounds} rounds, batch {cfg.batch_size}, lr {cfg.lr:g}, seed {cfg.seed}"
+        f"fedkn run: {cfg.model.name} x{cfg.model.width:g} with {cfg.model.norm}, {cfg.federation.strategy}, {cfg.data.dataset} over "
+        f"{cfg.data.num_clients} clients ({cfg.data.partition}), {cfg.federation.num_rounds} rounds, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, seed {cfg.run.seed}"
     )
     print(f"results: {run_dir.path}" + (f"  (resuming after round {ckpt_round})" if resumed else ""), flush=True)
 

@@ -3,7 +3,7 @@
 A **cell** is one federated run: ``(norm, partition, seed)`` plus the learning rate it runs at.
 Every cell of a seed shares the partition (fixed by the seed), the model initialization (fixed by
 the seed, per norm: ``fedkn.app.task.new_model`` seeds torch with the run seed before building),
-the client sampling (``strategies.sampling``: seeded by run seed and round only) and the local
+the client sampling (``fedkn.sampling``: seeded by run seed and round only) and the local
 shuffling (seeded by run seed, round and partition id), so norms differ only in the norm.
 
 Cells live in ``<out>/runs/<norm>_<partition>_s<seed>/`` (a normal fedkn run directory). A cell is
@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from fedkn.summary import RunSummary
 RUNS_DIR = "runs"
 TUNE_DIR = "tune"
 #: Config keys that may differ between a cell directory's saved config and the wanted one.
-IGNORED_KEYS: frozenset[str] = frozenset({"name", "output_dir", "num_rounds", "round_timeout", "client_num_cpus", "client_num_gpus"})
+IGNORED_KEYS: frozenset[str] = frozenset({"name", "output-dir", "num-rounds", "round-timeout", "client-num-cpus", "client-num-gpus"})
 ONLY_KEYS: tuple[str, ...] = ("norm", "partition", "seed")
 
 
@@ -195,10 +195,11 @@ def select(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
 def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_dir: Path | str | None = None, **changes: Any) -> RunConfig:
     """``base`` with the cell's norm, partition, seed (and lr); everything else identical."""
     values = base.to_flower()
+    strategy = base.federation.strategy
     values.update(
         {
             "norm": cell.norm,
-            "strategy": cell.norm if cell.norm in RULE_NORMS else (base.strategy if base.strategy not in RULE_NORMS else "fedavg"),
+            "strategy": cell.norm if cell.norm in RULE_NORMS else (strategy if strategy not in RULE_NORMS else "fedavg"),
             "partition": cell.partition,
             "seed": cell.seed,
             "name": name or cell.name,
@@ -214,18 +215,12 @@ def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_
 
 def norm_label(cfg: RunConfig) -> str:
     """The grid label of a run: the ``RULE_NORMS`` name of its layer norm + strategy (FedBN: bn + the FedBN strategy), else the norm."""
-    return cfg.strategy if cfg.strategy in RULE_NORMS else cfg.norm
+    return cfg.federation.strategy if cfg.federation.strategy in RULE_NORMS else cfg.model.norm
 
 
 def _differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
-    out = []
-    for f in fields(RunConfig):
-        if f.name in IGNORED_KEYS:
-            continue
-        a, b = getattr(saved, f.name), getattr(wanted, f.name)
-        if a != b:
-            out.append(f"{f.name.replace('_', '-')} {a!r} != {b!r}")
-    return out
+    a, b = saved.to_flower(), wanted.to_flower()
+    return [f"{k} {a[k]!r} != {b[k]!r}" for k in a if k not in IGNORED_KEYS and a[k] != b[k]]
 
 
 def cell_state(path: Path, cfg: RunConfig) -> str:
@@ -242,7 +237,7 @@ def cell_state(path: Path, cfg: RunConfig) -> str:
             "use another --out, or --force to re-run it"
         )
     s = RunSummary.read(path)
-    if s.finished and s.rounds_completed >= cfg.num_rounds:
+    if s.finished and s.rounds_completed >= cfg.federation.num_rounds:
         return "finished"
     return "partial"
 

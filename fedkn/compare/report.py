@@ -206,9 +206,9 @@ def load_run(path: Path, target: float) -> RunRecord | None:
     rows = _metric_rows(path)
     summary = RunSummary.read(path)
     status = summary.status
-    if status == "finished" and summary.rounds_completed < cfg.num_rounds:
+    if status == "finished" and summary.rounds_completed < cfg.federation.num_rounds:
         status = "partial"
-    rec = RunRecord(norm_label(cfg), cfg.partition, cfg.seed, cfg.lr, status, rows, summary, path, cfg.num_rounds, cfg.eval_every)
+    rec = RunRecord(norm_label(cfg), cfg.data.partition, cfg.run.seed, cfg.train.lr, status, rows, summary, path, cfg.federation.num_rounds, cfg.federation.eval_every)
     trained = [r for r in rows if int(r["round"]) >= 1]
     last = rows[-1] if rows else {}
 
@@ -223,11 +223,11 @@ def load_run(path: Path, target: float) -> RunRecord | None:
     best_fed, _ = best("fed_eval_accuracy")
     times = finite(r.get("round_time_s") for r in trained)  # median: round 1 also starts the client workers
     sent = [r.get("bytes_sent", 0) for r in trained]
-    head_test, evals_test, gain_test = headline(rows, "test_accuracy", cfg.num_rounds, cfg.eval_every)
-    head_fed, evals_fed, gain_fed = headline(rows, "fed_eval_accuracy", cfg.num_rounds, cfg.eval_every)
+    head_test, evals_test, gain_test = headline(rows, "test_accuracy", cfg.federation.num_rounds, cfg.federation.eval_every)
+    head_fed, evals_fed, gain_fed = headline(rows, "fed_eval_accuracy", cfg.federation.num_rounds, cfg.federation.eval_every)
     central = math.isfinite(head_test)  # else FedBN (no global model): the clients' accuracy
     to_target, to_target_fed = rounds_to_target(rows, target, "test_accuracy"), rounds_to_target(rows, target, "fed_eval_accuracy")
-    first, last_round = headline_window(cfg.num_rounds, cfg.eval_every)
+    first, last_round = headline_window(cfg.federation.num_rounds, cfg.federation.eval_every)
     rec.figures = {
         "rounds": int(last.get("round", 0)),
         "headline_accuracy": head_test if central else head_fed,

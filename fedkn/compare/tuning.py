@@ -220,7 +220,7 @@ def chance_level(cfg: RunConfig) -> float:
     """Accuracy of guessing: 1 / the number of classes of ``cfg``'s dataset."""
     from fedkn.data import load_dataset
 
-    return 1.0 / load_dataset(cfg.dataset, "test", cfg.data_dir or None).num_classes
+    return 1.0 / load_dataset(cfg.data.dataset, "test", cfg.data.data_dir or None).num_classes
 
 
 def near_chance(choice: Choice, chance: float) -> bool:
@@ -270,7 +270,7 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
         raise FedknError(f"'{path}' has no checkpoint to score (model.pt)")
     fed, parts, source = validation_indices(cfg)
     model = task.new_model(cfg, fed.train_set)
-    kept = local_keys(cfg, model)
+    kept = local_keys(cfg.federation, model)
     pre = task.preprocess(cfg, fed.train_set, train=False)
     device = default_device()
     if not kept:
@@ -278,7 +278,7 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
         idx = np.sort(np.concatenate([np.asarray(p) for p in parts])) if parts else np.array([], dtype=np.int64)
         if idx.size == 0:
             raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
-        r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
+        r = evaluate(model, fed.train_set, idx, cfg.train.eval_batch_size, device, pre)
         return r.accuracy, r.loss, r.num_examples, source
     initial = model.state_dict()
     fresh = {k: initial[k].clone() for k in kept}
@@ -289,7 +289,7 @@ def validation_score(path: str | Path) -> tuple[float, float, int, str]:
                 continue
             local = load_client_state(run.client_state_dir, pid, ckpt.round) or fresh
             task.load_weights(model, with_local(dict(ckpt.model), local, kept))
-            r = evaluate(model, fed.train_set, idx, cfg.eval_batch_size, device, pre)
+            r = evaluate(model, fed.train_set, idx, cfg.train.eval_batch_size, device, pre)
             loss_sum += r.loss * r.num_examples
             correct += r.accuracy * r.num_examples
             n += r.num_examples
@@ -323,7 +323,7 @@ def planned_rounds(path: Path) -> int | None:
     """The rounds a tuning run was planned with (its config), None if ``path`` holds no run."""
     from fedkn.results import CONFIG_FILE, RunDir
 
-    return RunDir(path).read_config().num_rounds if (path / CONFIG_FILE).is_file() else None
+    return RunDir(path).read_config().federation.num_rounds if (path / CONFIG_FILE).is_file() else None
 
 
 def run_seconds(path: Path) -> float:
@@ -387,11 +387,11 @@ def tune(
 
     def on_done(cell: Cell, cfg: RunConfig, path: Path, summary: RunSummary | None, err: BaseException | None) -> None:
         if err is not None:
-            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "diverged",
+            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.train.lr), cell.seed, "diverged",
                               math.nan, math.nan, 0, "", path.name, str(getattr(err, "reason", err)))
         else:
             acc, loss, n, source = validation_score(path)
-            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.lr), cell.seed, "ok", acc, loss, n, source, path.name)
+            point = TunePoint(cell.norm, cell.partition, float(cell.lr or cfg.train.lr), cell.seed, "ok", acc, loss, n, source, path.name)
             print(f"      validation ({source}): accuracy {100 * acc:.1f}%, loss {loss:.3f}", flush=True)
         write_point(path, point)
 

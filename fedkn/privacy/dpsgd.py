@@ -48,7 +48,7 @@ from fedkn.privacy.validate import validate_model
 from fedkn.protocol import DP_EPSILON, DP_EPSILON_ROUND
 
 if TYPE_CHECKING:  # config validation calls into this module
-    from fedkn.config import RunConfig
+    from fedkn.config import PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -277,26 +277,18 @@ def make_private(
     )
 
 
-def settings_from_config(cfg: RunConfig) -> DPSettings | None:
-    """:class:`DPSettings` from a RunConfig's ``dp-*`` keys; ``None`` when ``dp-sgd`` is off.
-
-    ``dp-noise-multiplier`` and ``dp-target-epsilon``: exactly one above 0. Also rejects a batch-dependent norm (BatchNorm) with the alternatives, so calling this from
-    config validation fails a DP run before any model is built.
-    """
-    if not cfg.dp_sgd:
+def settings_from_config(privacy: PrivacyConfig) -> DPSettings | None:
+    """:class:`DPSettings` from a run's ``dp-*`` keys (its privacy sub-config); ``None`` when
+    ``dp-sgd`` is off. A 0 noise multiplier or target epsilon means "not given"."""
+    if not privacy.enabled:
         return None
-    from fedkn.privacy.validate import check_norm
-
-    check_norm(cfg.norm)
-    sigma, target = cfg.dp_noise_multiplier, cfg.dp_target_epsilon
-    if (sigma > 0) == (target > 0):
-        raise FedknError("dp-sgd needs exactly one of dp-noise-multiplier and dp-target-epsilon set above 0")
+    sigma, target = privacy.noise_multiplier, privacy.target_epsilon
     return DPSettings(
-        max_grad_norm=cfg.dp_max_grad_norm,
+        max_grad_norm=privacy.max_grad_norm,
         noise_multiplier=sigma if sigma > 0 else None,
         target_epsilon=target if target > 0 else None,
-        delta=cfg.dp_delta,
-        accountant=cfg.dp_accountant,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
     )
 
 
