@@ -55,6 +55,15 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def device_label(device: torch.device) -> str:
+    """``device`` with what decides its rounding: the CPU's vector capability (torch picks its
+    kernels by it, KernelNorm's fused kernel is compiled for it) or the GPU's name. Runs with the
+    same seed agree bit for bit only where this label is the same."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def check_batch_size(model: nn.Module, batch_size: int) -> None:
     """Reject batch size 1 up front for models whose normalization needs a batch (BatchNorm)."""
     if batch_size < 1:

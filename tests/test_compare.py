@@ -368,7 +368,7 @@ def test_paired_differences_against_every_other_norm() -> None:
 
 
 def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition: str = "iid", status: str = "finished",
-              dp_epsilon: float | None = None, round_time: float = 2.0) -> Path:
+              dp_epsilon: float | None = None, round_time: float = 2.0, device: str = "cpu (AVX2)") -> Path:
     base = RunConfig.from_dict({"num-rounds": len(accs) - 1, "width": 0.125, "num-clients": 3})
     cfg = cell_config(base, Cell(norm, partition, seed), output_dir=root / "runs")
     path = root / "runs" / Cell(norm, partition, seed).name
@@ -382,7 +382,7 @@ def _fake_run(root: Path, norm: str, seed: int, accs: list[float], *, partition:
             "clients_trained": 3 if r else 0, "bytes_sent": 1_000_000 if r else 0, "round_time_s": round_time,
             "elapsed_s": round_time * r,
         })
-    summary = {"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234}
+    summary = {"status": status, "rounds_completed": len(accs) - 1, "model_parameters": 1234, "device": device}
     if dp_epsilon is not None:
         summary.update(dp_epsilon=dp_epsilon, dp_delta=1e-5)
     run.write_summary(summary)
@@ -397,7 +397,7 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
     }
     for norm, per_seed in curves.items():
         for seed, accs in enumerate(per_seed):
-            _fake_run(tmp_path, norm, seed, accs)
+            _fake_run(tmp_path, norm, seed, accs, device="cuda (H100)" if (norm, seed) == ("kn", 1) else "cpu (AVX2)")
     _fake_run(tmp_path, "gn", 2, [0.1, 0.2], status="running")  # unfinished: listed, not tabled
     write_meta(tmp_path, {"command": "fedkn compare --norms kn,gn,fedbn", "norms": ["kn", "gn", "fedbn"],
                           "partitions": ["iid"], "seeds": [0, 1], "target": 0.8,
@@ -411,6 +411,7 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
     assert "report.md" in capsys.readouterr().out
     text = (tmp_path / "report.md").read_text()
     assert "fedkn compare --norms kn,gn,fedbn" in text
+    assert "ran on cpu (AVX2) (5), cuda (H100) (1)" in text  # which device each run's numbers come from
     kn_row = next(line for line in text.splitlines() if line.startswith("| **kn**"))
     # 3 rounds: headline window = round 3 (0.9/0.88 -> 89.0 ± 1.4), gain over round 2: +5 and +8 -> +6.5;
     # rounds to 80%: 2 and 2 -> 2.0, i.e. 2 rounds of 2 s -> 4 s

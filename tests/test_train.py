@@ -149,3 +149,10 @@ def test_divergence_is_a_clear_error(digits):
 def test_default_device_is_chosen_once():
     assert default_device() is default_device()
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_device_label_names_what_decides_the_rounding():
+    from fedkn.train import device_label
+
+    label = device_label(torch.device("cpu"))
+    assert label == f"cpu ({torch.backends.cpu.get_cpu_capability()})" and label != "cpu ()"

@@ -40,7 +40,7 @@ from fedkn.nn.batchnorm import batchnorm_stat_keys
 from fedkn.protocol import CLIENT_STATE_DIR, CONFIG_RECORD, NUM_PARTITIONS, PARTITION_ID, TEST_ACCURACY, TEST_LOSS
 from fedkn.recorder import Progress, RunRecorder, RunSummary
 from fedkn.results import RunDir
-from fedkn.train import default_device, evaluate
+from fedkn.train import default_device, device_label, evaluate
 from strategies import ClientFailure, RoundRecord, build_strategy
 
 NODE_WAIT_S = 60.0  # how long to wait for all SuperNodes to connect
@@ -236,7 +236,7 @@ def run_server(
     model = task.new_model(cfg, fed.train_set)
     strategy, kept, extra = server_strategy(cfg, model)
     recorder = RunRecorder(run_dir, cfg, model_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                           device=str(default_device()), centralized=not cfg.federation.keeps_local_state,
+                           device=device_label(default_device()), centralized=not cfg.federation.keeps_local_state,
                            extra=extra, progress=progress)
     ckpt = run_dir.load_checkpoint()
     if ckpt is not None:

@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -579,9 +580,11 @@ def _intro_markdown(meta: Mapping[str, Any], base: Mapping[str, Any], finished: 
         out += [(f"Setup: {shown}. Everything else is identical across cells; all cells of a seed share "
                 "partition, initialization seed and client sampling."), ""]
     seeds = sorted({r.seed for r in finished})
+    devices = Counter(r.summary.device or "unrecorded" for r in finished)
     out += [
         f"Runs: {len(finished)} finished" + (f", {len(unfinished)} unfinished (not in the tables)" if unfinished else "")
-        + f"; seeds {', '.join(map(str, seeds)) or 'none'}. Accuracies in %, mean ± std over seeds (sample std).",
+        + f"; seeds {', '.join(map(str, seeds)) or 'none'}; ran on {', '.join(f'{d} ({n})' for d, n in devices.items())}"
+        " (runs agree bit for bit only on the same device). Accuracies in %, mean ± std over seeds (sample std).",
         "",
         "- **headline acc** (orders the norms): the mean of the global model's accuracy on the global test set "
         f"(centralized) over its evaluations in the last {100 * HEADLINE_SHARE:.0f}% of the rounds ("
