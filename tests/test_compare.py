@@ -14,6 +14,8 @@ from scipy import stats
 from fedkn.cli import main
 from fedkn.compare.grid import (
     Cell,
+    Deadline,
+    TimeBudgetSpent,
     cell_config,
     cell_state,
     expand_grid,
@@ -22,6 +24,7 @@ from fedkn.compare.grid import (
     parse_partitions,
     parse_seeds,
     prepare_dir,
+    run_cells,
     select,
     slug,
 )
@@ -556,6 +559,39 @@ def test_report_ranks_by_headline_and_converged_cells_are_not_flagged(tmp_path: 
     assert "No cell gains more than 1 point" in text and "fewer than 3 evaluations" not in text
     gn_row = next(line for line in text.splitlines() if line.startswith("| gn"))
     assert "| 78.0 | +0.0 |" in gn_row and "| 1 | 4 |" in gn_row  # 1 round of 4 s to 75%
+
+
+def test_report_of_an_unfinished_grid_says_partial_at_its_top(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "kn", 0, [0.1, 0.5, 0.6])
+    write_meta(tmp_path, {"command": "fedkn compare --norms kn,gn", "norms": ["kn", "gn"], "partitions": ["iid"],
+                          "seeds": [0], "target": 0.5})
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    head = (tmp_path / "report.md").read_text().split("Produced by:")[0]
+    assert "**Partial**: 1 of the 2 cells of the command below have finished" in head
+    _fake_run(tmp_path, "gn", 0, [0.1, 0.4, 0.5])
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    assert "Partial" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_spent_deadline_starts_no_run_and_leaves_finished_ones(tmp_path: Path) -> None:
+    done = _fake_run(tmp_path, "kn", 0, [0.1, 0.5, 0.6])
+    base = RunConfig.from_dict({"num-rounds": 2, "width": 0.125, "num-clients": 3})
+    jobs = [("cell", c, cell_config(base, c, output_dir=tmp_path / "runs"), tmp_path / "runs" / c.name)
+            for c in (Cell("kn", "iid", 0), Cell("gn", "iid", 0))]
+    with pytest.raises(TimeBudgetSpent, match=r"1 run\(s\) not started"):
+        run_cells(jobs, deadline=Deadline(1e-9))  # the finished kn cell is skipped, gn is never started
+    assert done.is_dir() and not (tmp_path / "runs" / "gn_iid_s0").exists()
+
+
+def test_stop_after_ends_the_command_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "grid"
+    args = ["compare", "--norms", "kn", "--partitions", "iid", "--seeds", "1", "--set", "num-rounds=1", "--out", str(out)]
+    assert main([*args, "--stop-after", "0"]) == 2
+    assert "--stop-after must be a positive number of minutes" in capsys.readouterr().err
+    assert main([*args, "--stop-after", "1e-9"]) == 0
+    said = capsys.readouterr().out
+    assert "stopped: --stop-after 1e-09 minutes reached, 1 run(s) not started; rerun the same command" in said
+    assert not (out / "runs").exists()
 
 
 def _tune_point(root: Path, norm: str, lr: float, acc: float) -> None:

@@ -131,6 +131,9 @@ def register(subparsers: Any) -> None:
                         "delete OUT/tune to re-tune)")
     o.add_argument("--dry-run", action="store_true", help="list the cells (and tuning runs) and exit")
     o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    o.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="start no further run (tuning or cell) after MINUTES; the run in progress finishes, the "
+                        "report is written, and rerunning the same command continues (for sweeps run in chunks)"),
     p.set_defaults(func=compare_command)
 
 
@@ -207,7 +210,6 @@ def compare_command(args: argparse.Namespace) -> int:
         parse_norms,
         parse_partitions,
         parse_seeds,
-        run_cells,
         select,
     )
     from fedkn.compare.report import build_report, write_meta
@@ -220,6 +222,8 @@ def compare_command(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if not 0.0 < args.target <= 1.0:
         raise FedknError(f"--target must be an accuracy in (0, 1], got {args.target:g}")
+    if args.stop_after is not None and not args.stop_after > 0:
+        raise FedknError(f"--stop-after must be a positive number of minutes, got {args.stop_after:g}")
     cells = expand_grid(norms, partitions, seeds)
     selected = select(cells, args.only)
     out = Path(args.out)
@@ -255,24 +259,40 @@ def compare_command(args: argparse.Namespace) -> int:
     })
 
     t0 = time.perf_counter()
-    try:
-        lrs: dict[tuple[str, str], float] = {}
-        if spec is not None:
-            from fedkn.compare.tuning import tune
-
-            choices = tune(base, groups, spec, out, verbose=args.verbose)  # scored tuning runs are reused
-            lrs = {k: c.lr for k, c in choices.items()}
-        results = run_cells(_cell_jobs(base, selected, spec, lrs, out), force=args.force, verbose=args.verbose)
-    except KeyboardInterrupt:
-        print("fedkn compare: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
-        _try_report(out)
-        raise
+    results = _run(args, base, selected, spec, groups, out)
+    if results is None:
+        return 0
     report = build_report(out)
     ran = sum(1 for _, _, s in results if s == "ran")
     print(f"done: {ran} cells run, {len(results) - ran} already finished, in {fmt_duration(time.perf_counter() - t0)}")
     _print_table(out)
     print(f"report: {report}")
     return 0
+
+
+def _run(args: argparse.Namespace, base: Any, selected: list[Any], spec: TuneSpec | None, groups: list[tuple[str, str]],
+         out: Path) -> list[tuple[Any, Path, str]] | None:
+    """Tune (scored runs are reused), then run the cells; None when --stop-after stopped it."""
+    from fedkn.compare.grid import Deadline, TimeBudgetSpent, run_cells
+
+    deadline = Deadline(args.stop_after) if args.stop_after is not None else None
+    try:
+        lrs: dict[tuple[str, str], float] = {}
+        if spec is not None:
+            from fedkn.compare.tuning import tune
+
+            choices = tune(base, groups, spec, out, verbose=args.verbose, deadline=deadline)
+            lrs = {k: c.lr for k, c in choices.items()}
+        return run_cells(_cell_jobs(base, selected, spec, lrs, out), force=args.force, verbose=args.verbose,
+                         deadline=deadline)
+    except TimeBudgetSpent as stop:
+        print(f"fedkn compare: stopped: {stop}; rerun the same command to continue (finished runs are kept)", flush=True)
+        _try_report(out)
+        return None
+    except KeyboardInterrupt:
+        print("fedkn compare: interrupted; rerun the same command to continue (finished cells are kept)", file=sys.stderr)
+        _try_report(out)
+        raise
 
 
 def _try_report(out: Path) -> None:

@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +314,24 @@ class Eta:
         return f"elapsed {fmt_duration(elapsed)}{eta}"
 
 
+class TimeBudgetSpent(Exception):
+    """``--stop-after``'s time is up: no further run starts (finished ones are kept)."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a sweep chunk starts no further run: ``minutes`` after it began. A run started before
+    that finishes, so a chunk ends whole and every run directory it leaves is finished."""
+
+    minutes: float
+    start: float = field(default_factory=time.monotonic)
+
+    def check(self, left: int) -> None:
+        """Raise :class:`TimeBudgetSpent` when the time is up (``left`` runs still to do)."""
+        if time.monotonic() - self.start >= 60.0 * self.minutes:
+            raise TimeBudgetSpent(f"--stop-after {self.minutes:g} minutes reached, {left} run(s) not started")
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -334,11 +352,13 @@ def run_cells(
     on_done: Callable[[Cell, RunConfig, Path, RunSummary | None, BaseException | None], None] | None = None,
     catch: Callable[[FedknError], bool] | None = None,
     show_scores: bool = True,
+    deadline: Deadline | None = None,
 ) -> list[tuple[Cell, Path, str]]:
     """Run each ``(what, cell, cfg, path)`` job in order, skipping finished ones; prints progress.
 
     ``catch(err)`` may return True to record a failed job (``on_done`` gets the error) and go on.
     ``show_scores=False`` (tuning) prints no accuracies: the caller prints the validation score.
+    ``deadline``: start no job once it has passed (:class:`TimeBudgetSpent`).
     Returns ``(cell, path, "skipped" | "ran" | "failed")`` per job.
     """
     jobs = list(jobs)
@@ -356,6 +376,8 @@ def run_cells(
             if on_done is not None:
                 on_done(cell, cfg, path, RunSummary.read(path), None)
             continue
+        if deadline is not None:
+            deadline.check(todo - done)
         prepare_dir(path, cfg, force=force)
         print(f"{head}: {'resuming' if state == 'partial' else 'running'} -> {path}", flush=True)
         t0 = time.perf_counter()

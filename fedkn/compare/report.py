@@ -568,6 +568,10 @@ def _intro_markdown(meta: Mapping[str, Any], base: Mapping[str, Any], finished: 
     out: list[str] = ["# Normalization comparison", ""]
     if meta.get("note"):
         out += [f"> {line}".rstrip() for line in str(meta["note"]).splitlines()] + [""]
+    planned = len(meta.get("norms") or ()) * len(meta.get("partitions") or ()) * len(meta.get("seeds") or ())
+    if len(finished) < planned:
+        out += [(f"> **Partial**: {len(finished)} of the {planned} cells of the command below have finished; the "
+                 "tables hold those only. Rerun the command to continue."), ""]
     if meta.get("command"):
         out += ["Produced by:", "", "```bash", str(meta["command"]), "```", ""]
     if base:

@@ -42,13 +42,16 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedkn.config import RunConfig
 from fedkn.errors import DivergedError, FedknError
 from fedkn.summary import RunSummary
+
+if TYPE_CHECKING:  # for the annotation only; tune() imports grid where it runs
+    from fedkn.compare.grid import Deadline
 
 SCORE_FILE = "val_score.json"
 DEFAULT_VAL_FRACTION = 0.1
@@ -359,10 +362,12 @@ def tune(
     *,
     force: bool = False,
     verbose: bool = False,
+    deadline: Deadline | None = None,
 ) -> dict[tuple[str, str], Choice]:
     """Run and score the grid for each ``(norm, partition)`` group, extending it past an edge
     the choice sits at (:func:`search`); the choice per group. Stops (one line) if a group's best
-    score is near chance (:func:`check_above_chance`), before any grid cell runs."""
+    score is near chance (:func:`check_above_chance`), before any grid cell runs. No tuning run
+    starts after ``deadline``."""
     from fedkn.compare.grid import TUNE_DIR, Cell, cell_config, run_cells
 
     tune_root = out / TUNE_DIR
@@ -397,7 +402,7 @@ def tune(
 
     def run(jobs: Sequence[tuple[str, Cell, RunConfig, Path]]) -> None:
         run_cells(jobs, force=force, verbose=verbose, quiet_rounds=True, on_done=on_done,
-                  catch=lambda e: isinstance(e, DivergedError), show_scores=False)
+                  catch=lambda e: isinstance(e, DivergedError), show_scores=False, deadline=deadline)
 
     jobs = [j for norm, partition in groups for lr in spec.grid if (j := job(norm, partition, lr)) is not None]
     if jobs:
