@@ -1,11 +1,10 @@
 """Server strategies for fedkn, built on Flower's own (``flwr.serverapp.strategy``).
 
-``build_strategy(cfg)`` returns FedAvg (default, weighted by examples), FedProx, FedAvgM, FedAdam,
-FedBN or FixBN, each with fedkn's deterministic sampling, sorted aggregation, round offset (resume),
+``build_strategy(cfg.federation, ...)`` returns FedAvg (default, weighted by examples), FedProx, FedAvgM, FedAdam,
+FedBN or FixBN, each with fedkn's deterministic sampling (:mod:`fedkn.sampling`), sorted aggregation, round offset (resume),
 byte accounting and error handling (:class:`~strategies.base.FedknStrategy`).
 """
 
-from fedkn.sampling import sample_partitions, sample_size
 from strategies.base import ClientFailure, FedknStrategy, RoundRecord, to_array_record
 from strategies.factory import FedBN, FedknFedAdam, FedknFedAvg, FedknFedAvgM, FedknFedProx, FixBN, build_strategy
 from strategies.fixbn import stats_frozen
@@ -21,8 +20,6 @@ __all__ = [
     "FixBN",
     "RoundRecord",
     "build_strategy",
-    "sample_partitions",
-    "sample_size",
     "stats_frozen",
     "to_array_record",
 ]

@@ -22,6 +22,7 @@ from fedkn.errors import DivergedError, FedknError
 from fedkn.models import build
 from fedkn.nn.batchnorm import batchnorm_keys, batchnorm_stat_keys
 from fedkn.protocol import ERROR_CODE_CLIENT, ERROR_CODE_DIVERGED
+from fedkn.sampling import sample_partitions, sample_size
 from strategies import (
     ClientFailure,
     FedBN,
@@ -31,8 +32,6 @@ from strategies import (
     FedknFedProx,
     FixBN,
     build_strategy,
-    sample_partitions,
-    sample_size,
 )
 
 NODES = {101: 2, 205: 0, 309: 1, 412: 3}  # node id -> partition id, deliberately unordered

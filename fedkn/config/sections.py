@@ -60,9 +60,6 @@ class DataConfig(Section):
         except FedknError as err:
             raise FedknError(f"config key 'partition': {err}") from None
 
-    def data_dir_or_none(self) -> str | None:
-        return self.data_dir or None
-
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
