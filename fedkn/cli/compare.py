@@ -61,7 +61,7 @@ examples:
   fedkn compare --norms kn,gn --partitions iid --seeds 2 --set num-rounds=2 --out runs/quick
   fedkn compare --config configs/compare-digits.toml --out benchmarks/results/digits \\
       --lr-grid log:0.01:0.16:5 --tune-rounds 6 --tune-on dir0.1
-  # re-run one cell of that comparison alone (reproduces its metrics.csv on a CPU machine):
+  # re-run one cell of that comparison alone (reproduces its metrics.csv on the same kind of CPU):
   fedkn compare <the same options> --only norm=kn,partition=dir0.1,seed=0 --out /tmp/rerun
 
 GPU machines: clients share a GPU through the config values client-num-gpus and client-num-cpus

@@ -704,8 +704,10 @@ def _rerun_markdown(command: str, example: RunRecord, tuned: bool) -> list[str]:
     lines = [
         "## Re-running one cell", "",
         "Any cell re-runs alone from the command above plus `--only norm=N,partition=P,seed=S` (same config, "
-        "seed, partition, initialization and client sampling); on a CPU machine its metrics.csv reproduces the "
-        "accuracy and loss columns of the recorded one (the time columns differ). For example, into a fresh directory"
+        "seed, partition, initialization and client sampling); on the same device as the recorded run (its "
+        "summary.json names it, e.g. `cpu (AVX512)`: torch picks kernels by CPU capability) its metrics.csv "
+        "reproduces the accuracy and loss columns of the recorded one (the time columns differ). For example, into a "
+        "fresh directory"
         + (" (this first re-runs that norm's lr tuning, which is deterministic too)" if tuned else "") + ":", "",
         "```bash", shlex.join([*fresh, "--only", only]), "```", "",
         "or in place, over the recorded run" + (", reusing the recorded tuning scores" if tuned else "") + ":", "",
