@@ -103,6 +103,8 @@ class RunRecorder:
         self.history.append(row)
         if checkpoint is not None:
             self.run_dir.save_checkpoint(r, *checkpoint)
+            if r >= self.cfg.federation.first_kept_round:
+                self.run_dir.save_kept_model(r, checkpoint[0])
         self.run_dir.write_summary(self.summary("running").to_json())
         if self.progress is not None:
             self.progress(row, self.cfg)

@@ -59,6 +59,7 @@ METRICS_FILE = "metrics.csv"
 PLOT_FILE = "metrics.png"
 CHECKPOINT_FILE = "model.pt"
 CLIENT_STATE_DIR = "client_state"
+MODELS_DIR = "models"  # the global models that ``keep-models`` keeps, one per round: round-<r>.pt
 CHECKPOINT_FORMAT = "fedkn-checkpoint-1"
 
 
@@ -98,6 +99,7 @@ class RunDir:
         self.plot_path = self.path / PLOT_FILE
         self.checkpoint_path = self.path / CHECKPOINT_FILE
         self.client_state_dir = self.path / CLIENT_STATE_DIR
+        self.models_dir = self.path / MODELS_DIR
 
     # -- creation / opening ------------------------------------------------------------------------
     @classmethod
@@ -195,6 +197,19 @@ class RunDir:
         self, round: int, model_state: Mapping[str, torch.Tensor], strategy_state: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         save_checkpoint(self.checkpoint_path, round, model_state, strategy_state)
+
+    def save_kept_model(self, round: int, model_state: Mapping[str, torch.Tensor]) -> None:
+        """Keep the global model of ``round`` beside the checkpoint (``keep-models``), which each
+        round overwrites; the model only, as a checkpoint file."""
+        self.models_dir.mkdir(exist_ok=True)
+        save_checkpoint(self.models_dir / f"round-{round}.pt", round, model_state)
+
+    def kept_models(self) -> list[Path]:
+        """The kept global models (``keep-models``), oldest round first; [] when none were kept."""
+        if not self.models_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), f) for f in self.models_dir.iterdir() if (m := _KEPT_RE.match(f.name))]
+        return [f for _, f in sorted(found)]
 
     def load_checkpoint(self) -> Checkpoint | None:
         if not self.checkpoint_path.exists():
@@ -296,13 +311,19 @@ def plot_metrics(rows: list[Mapping[str, float]], path: str | Path, *, title: st
 # ------------------------------------------------------------------------------------------------------
 
 _STATE_RE = re.compile(r"^partition-(\d+)\.round-(\d+)\.pt$")
+_KEPT_RE = re.compile(r"^round-(\d+)\.pt$")
 
 
-def save_client_state(directory: str | Path, partition_id: int, round: int, state: Mapping[str, torch.Tensor]) -> None:
-    """Write ``state`` as of the end of ``round``; keeps this client's two newest files.
+def save_client_state(
+    directory: str | Path, partition_id: int, round: int, state: Mapping[str, torch.Tensor], *, keep_from: int = 0
+) -> None:
+    """Write ``state`` as of the end of ``round``; keeps this client's two newest files, and with
+    ``keep_from`` > 0 also every file from that round on and the newest before it.
 
-    Two suffice: at most one round (the one a crash interrupted) is newer than the last finished
-    round, so the newest file at or before any resume point is never deleted.
+    Two suffice to resume: at most one round (the one a crash interrupted) is newer than the last
+    finished round, so the newest file at or before any resume point is never deleted. ``keep_from``
+    serves ``keep-models``: scoring the global model of any round from ``keep_from`` on needs each
+    client's state as of that round (:func:`load_client_state`).
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -311,8 +332,13 @@ def save_client_state(directory: str | Path, partition_id: int, round: int, stat
     torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
     os.replace(tmp, path)
     rounds = sorted(_client_state_rounds(d, partition_id))
-    for old in rounds[:-2]:
-        (d / f"partition-{partition_id}.round-{old}.pt").unlink(missing_ok=True)
+    keep = set(rounds[-2:])
+    if keep_from > 0:
+        keep |= {r for r in rounds if r >= keep_from}
+        keep |= set([r for r in rounds if r < keep_from][-1:])
+    for old in rounds:
+        if old not in keep:
+            (d / f"partition-{partition_id}.round-{old}.pt").unlink(missing_ok=True)
 
 
 def _client_state_rounds(d: Path, partition_id: int) -> list[int]:

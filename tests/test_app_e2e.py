@@ -194,3 +194,14 @@ def test_client_state_keeps_the_two_newest_per_client(tmp_path):
     assert float(load_client_state(tmp_path, 0, 5)["bn.running_mean"][0]) == 3.0  # resume after round 5
     assert float(load_client_state(tmp_path, 0, 6)["bn.running_mean"][0]) == 6.0
     assert load_client_state(tmp_path, 0, 2) is None and load_client_state(tmp_path, 2, 9) is None
+
+
+def test_client_state_from_keep_from_on_stays_with_the_newest_before_it(tmp_path):
+    """keep-models scores the global model of rounds 7..10 with each client's state as of that
+    round: a client that trained in rounds 2, 5, 8, 9 and 10 must keep rounds 5 (for rounds 7), 8 and 9."""
+    from fedkn.results import load_client_state, save_client_state
+
+    for r in (2, 5, 8, 9, 10):
+        save_client_state(tmp_path, 0, r, {"bn.running_mean": torch.full((2,), float(r))}, keep_from=7)
+    assert sorted(int(p.name.split("round-")[1][:-3]) for p in tmp_path.glob("partition-0.*")) == [5, 8, 9, 10]
+    assert [float(load_client_state(tmp_path, 0, r)["bn.running_mean"][0]) for r in (7, 8, 9, 10)] == [5.0, 8.0, 9.0, 10.0]

@@ -46,6 +46,7 @@ from fedkn.compare.tuning import (
     NEAR_CHANCE_FACTOR,
     TunePoint,
     TuneSpec,
+    ValScore,
     check_above_chance,
     choose,
     grid_step,
@@ -250,7 +251,8 @@ def _stub_tuning(monkeypatch: pytest.MonkeyPatch, accuracy) -> list[str]:
         return []
 
     def validation_score(path):
-        return accuracy(RunDir(path).read_config().train.lr), 1.0, 100, "clients' val splits"
+        cfg = RunDir(path).read_config()
+        return ValScore(accuracy(cfg.train.lr), 1.0, 100, "clients' val splits", max(1, cfg.federation.keep_models))
 
     monkeypatch.setattr(grid, "run_cells", run_cells)
     monkeypatch.setattr(tuning, "validation_score", validation_score)
@@ -269,6 +271,26 @@ def test_tune_runs_the_extensions_reuses_scores_and_redoes_other_lengths(tmp_pat
     longer = tune(base, [("kn", "iid")], TuneSpec(spec.grid, 3, 0, "all"), tmp_path)[("kn", "iid")]
     assert longer.lr == 0.08 and len(ran) == 5  # planned with 2 rounds: every run again, at 3
     assert RunDir(tmp_path / "tune" / "kn_iid_lr0.16_s0").read_config().federation.num_rounds == 3
+
+
+def test_tuning_runs_keep_their_last_rounds_models_and_a_group_keeps_its_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _stub_tuning(monkeypatch, lambda lr: 0.9 - 0.1 * abs(math.log2(lr / 0.02)))
+    base = RunConfig.from_dict({"num-clients": 3, "width": 0.125})
+
+    def keep(name: str) -> int:
+        return RunDir(tmp_path / "tune" / name).read_config().federation.keep_models
+
+    assert TuneSpec((0.01,), rounds=54, seed=0, on="all").models_scored == 11  # 20% of the rounds
+    assert TuneSpec((0.01,), rounds=2, seed=0, on="all").models_scored == 1
+    tune(base, [("kn", "iid")], TuneSpec((0.01, 0.02, 0.04), 10, 0, "all", score_models=1), tmp_path)
+    assert [keep(n) for n in ran] == [0, 0, 0]  # one model: the final one, nothing extra kept
+    ran.clear()
+    # kn on iid was scored on its final models: a new lr of that group is too; a new group gets the window
+    spec = TuneSpec((0.01, 0.02, 0.04, 0.08), 10, 0, "all", score_models=3)
+    choices = tune(base, [("kn", "iid"), ("gn", "iid")], spec, tmp_path)
+    assert ran == ["kn_iid_lr0.08_s0", *[f"gn_iid_lr{v:g}_s0" for v in (0.01, 0.02, 0.04, 0.08)]]
+    assert keep("kn_iid_lr0.08_s0") == 0 and {keep(n) for n in ran[1:]} == {3}
+    assert {p.val_models for p in choices[("gn", "iid")].points} == {3} and {p.val_models for p in choices[("kn", "iid")].points} == {1}
 
 
 def test_compare_stops_when_tuning_scores_are_near_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -594,28 +616,28 @@ def test_stop_after_ends_the_command_cleanly(tmp_path: Path, capsys: pytest.Capt
     assert not (out / "runs").exists()
 
 
-def _tune_point(root: Path, norm: str, lr: float, acc: float) -> None:
+def _tune_point(root: Path, norm: str, lr: float, acc: float, models: int = 1) -> None:
     cell = Cell(norm, "iid", 0, lr)
     cfg = cell_config(RunConfig.from_dict({"num-rounds": 2, "num-clients": 3}), cell, name=cell.tune_name())
     path = root / "tune" / cell.tune_name()
     prepare_dir(path, cfg)
     RunDir(path).write_summary({"status": "finished", "rounds_completed": 2, "elapsed_s": 30.0})
-    write_point(path, TunePoint(norm, "iid", lr, 0, "ok", acc, 1.0, 50, "clients' val splits", path.name))
+    write_point(path, TunePoint(norm, "iid", lr, 0, "ok", acc, 1.0, 50, "clients' val splits", path.name, val_models=models))
 
 
 def test_report_tuning_shows_extensions_near_chance_and_cost(tmp_path: Path) -> None:
     _fake_run(tmp_path, "kn", 0, [0.1, 0.5])
     for lr, acc in ((0.01, 0.5), (0.02, 0.6), (0.04, 0.7), (0.08, 0.8), (0.16, 0.75)):  # 0.08, 0.16: extensions
-        _tune_point(tmp_path, "kn", lr, acc)
+        _tune_point(tmp_path, "kn", lr, acc, models=2)
     for lr, acc in ((0.01, 0.12), (0.02, 0.14), (0.04, 0.11)):  # digits: chance 10%, margin 15%
         _tune_point(tmp_path, "none", lr, acc)
     write_meta(tmp_path, {"norms": ["kn", "none"], "partitions": ["iid"], "seeds": [0],
                           "tuning": {"grid": [0.01, 0.02, 0.04], "rounds": 2, "seed": 0, "on": "all"}})
     assert main(["report", str(tmp_path), "--no-plots"]) == 0
     text = (tmp_path / "report.md").read_text()
-    assert "| norm | partition | lr 0.01 | lr 0.02 | lr 0.04 | lr 0.08 | lr 0.16 | chosen lr |" in text
-    assert "| **80.0 (1.000)** | 75.0 (1.000) | 0.08 (grid extended to 0.08, 0.16) |" in text
-    assert "| none | iid | 12.0 (1.000) | **14.0 (1.000)** | 11.0 (1.000) | — | — | 0.02 ⚠ near chance: unusable |" in text
+    assert "| norm | partition | lr 0.01 | lr 0.02 | lr 0.04 | lr 0.08 | lr 0.16 | models averaged | chosen lr |" in text
+    assert "| **80.0 (1.000)** | 75.0 (1.000) | 2 | 0.08 (grid extended to 0.08, 0.16) |" in text
+    assert "| none | iid | 12.0 (1.000) | **14.0 (1.000)** | 11.0 (1.000) | — | — | 1 | 0.02 ⚠ near chance: unusable |" in text
     assert "**Cost**: 8 tuning runs of 2 rounds each, 4m00s of wall time in all" in text
     groups = {g["norm"]: g for g in json.loads((tmp_path / "tuning.json").read_text())["groups"]}
     assert groups["kn"]["extended"] == [0.08, 0.16] and not groups["kn"]["near_chance"] and groups["none"]["near_chance"]

@@ -40,6 +40,23 @@ def test_rounds_land_in_metrics_and_the_summary_tracks_them(tmp_path):
     assert run_dir.plot_path.exists()
 
 
+def test_keep_models_keeps_the_global_model_of_each_of_the_last_rounds(tmp_path):
+    import torch
+
+    from fedkn.results import load_checkpoint
+
+    _, run_dir, rec = _recorder(tmp_path, keep_models=2)
+    for r in range(4):
+        rec.round(r, test=(0.5, 0.5), train={}, evaluate={}, clients_trained=2, bytes_sent=10,
+                  checkpoint=({"w": torch.full((1,), float(r))}, {}) if r > 0 else None)
+    kept = run_dir.kept_models()
+    assert [p.name for p in kept] == ["round-2.pt", "round-3.pt"]  # num-rounds 3: the last 2
+    assert [float(load_checkpoint(p).model["w"][0]) for p in kept] == [2.0, 3.0]
+    _, plain, rec = _recorder(tmp_path / "plain")
+    rec.round(3, test=(0.5, 0.5), train={}, evaluate={}, clients_trained=2, bytes_sent=10, checkpoint=({"w": torch.zeros(1)}, {}))
+    assert plain.kept_models() == [] and not plain.models_dir.exists()
+
+
 def test_resume_keeps_rows_up_to_the_checkpoint_and_adds_up_elapsed_time(tmp_path):
     cfg, run_dir, rec = _recorder(tmp_path)
     for r in range(3):

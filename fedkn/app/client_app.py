@@ -226,7 +226,7 @@ def _train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_STATE] = ArrayRecord.from_torch_state_dict(local)
         context.state[LOCAL_ROUND] = ConfigRecord({"round": server_round})
         if extras.get(CLIENT_STATE_DIR):
-            save_client_state(extras[CLIENT_STATE_DIR], pid, server_round, local)
+            save_client_state(extras[CLIENT_STATE_DIR], pid, server_round, local, keep_from=cfg.federation.first_kept_round)
     metrics = MetricRecord(
         {
             TRAIN_LOSS: float(result.loss),

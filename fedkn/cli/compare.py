@@ -36,8 +36,11 @@ interrupted command continues the sweep. Order: seed by seed, so a stopped sweep
 
 Tuning (--lr-grid). Before the grid, each norm (on each partition, or on the --tune-on
 partition only) runs every lr of the grid once, on --tune-seed with --tune-rounds rounds, into
-OUT/tune/. Each is scored by its final global model's accuracy on a validation split carved from
-the clients' training data, never the test set; every seed of the grid then runs at the chosen lr.
+OUT/tune/. Each is scored by the mean accuracy of its global models over its last {window:g}% of
+rounds (the final model alone when that is one round; under label skew a single round's model
+swings by points) on a validation split carved from the clients' training data, never the test
+set; every seed of the grid then runs at the chosen lr. A norm's runs scored earlier keep their
+window (runs scored on the final model alone are never mixed with windowed ones).
 A choice at the lowest or highest lr tried extends the grid by one more lr beyond that edge (the
 grid's own log spacing) and chooses again, up to {max_extensions} times (the report flags a choice still at
 an edge). If a norm's best validation accuracy is below {chance_factor:g}x chance (1 / classes), the tuning runs
@@ -88,12 +91,13 @@ def register(subparsers: Any) -> None:
         DEFAULT_VAL_FRACTION,
         MAX_EXTENSIONS,
         NEAR_CHANCE_FACTOR,
+        SCORE_WINDOW,
     )
 
     p = subparsers.add_parser(
         "compare",
         help="run a grid of norms x partitions x seeds (optionally lr-tuned) and write a comparison report",
-        description=DESCRIPTION.format(max_extensions=MAX_EXTENSIONS, chance_factor=NEAR_CHANCE_FACTOR),
+        description=DESCRIPTION.format(max_extensions=MAX_EXTENSIONS, chance_factor=NEAR_CHANCE_FACTOR, window=100 * SCORE_WINDOW),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -731,8 +731,10 @@ def _tuning_markdown(tuning: Mapping[str, Any], cells_seconds: float) -> list[st
     rounds = ", ".join(str(r) for r in cost.get("rounds", [])) or str(tuning.get("rounds"))
     chance = tuning.get("chance", math.nan)
     out = ["## Learning-rate tuning", "",
-           f"Grid {', '.join(f'{v:g}' for v in grid)}; tuned {scope}; seed {tuning.get('seed')}; scored by the final "
-           f"global model's accuracy on the {tuning.get('val_source') or 'validation split'} (carved from the clients' "
+           f"Grid {', '.join(f'{v:g}' for v in grid)}; tuned {scope}; seed {tuning.get('seed')}; scored by the mean "
+           "accuracy of the global models of a run's last rounds (column 'models averaged'; 1 = the final model alone, "
+           f"as in runs tuned before that window existed; a norm keeps one window on a partition) on the "
+           f"{tuning.get('val_source') or 'validation split'} (carved from the clients' "
            "training data, never the test set). Ties go to the lower validation loss. A choice at the lowest or highest "
            f"lr tried extends the grid by one lr beyond it (the grid's log spacing), up to {MAX_EXTENSIONS} times; "
            "⚠ marks a choice still at an edge. "
@@ -746,7 +748,7 @@ def _tuning_markdown(tuning: Mapping[str, Any], cells_seconds: float) -> list[st
            + (f" ({cost['timed']} of them timed)" if cost.get("timed", 0) != cost.get("runs", 0) else "")
            + f" (the sum of their elapsed_s), against {fmt_duration(cells_seconds)} for the grid's finished cells.", ""]
     lrs = sorted({float(p["lr"]) for g in groups for p in g["points"]} | {float(v) for v in grid})
-    header = ["norm", "partition", *[f"lr {v:g}" for v in lrs], "chosen lr"]
+    header = ["norm", "partition", *[f"lr {v:g}" for v in lrs], "models averaged", "chosen lr"]
     lines = []
     for g in groups:
         scores = {float(p["lr"]): p for p in g["points"]}
@@ -767,7 +769,9 @@ def _tuning_markdown(tuning: Mapping[str, Any], cells_seconds: float) -> list[st
             flags.append(f"(grid extended to {', '.join(f'{v:g}' for v in g['extended'])})")
         if g.get("near_chance"):
             flags.append("⚠ near chance: unusable")
-        lines.append([g["norm"], g["partition"], *cells, " ".join([f"{g['lr']:g}", *flags])])
+        averaged = sorted({int(p.get("val_models") or 1) for p in g["points"] if p["status"] == "ok"})
+        lines.append([g["norm"], g["partition"], *cells, ", ".join(map(str, averaged)) or "—",
+                      " ".join([f"{g['lr']:g}", *flags])])
     out += ["Validation accuracy % (loss) per lr tried:", ""]
     out += _table(header, lines)
     out.append("")

@@ -111,6 +111,7 @@ class FederationConfig(Section):
     fraction_evaluate: float = 1.0  # share of clients sampled for federated evaluation
     min_clients: int = 1  # a round needs replies from this many clients (lost SuperNodes are dropped)
     eval_every: int = 1  # centralized test evaluation every k rounds (round 0 and the last always)
+    keep_models: int = 0  # also keep the global model of each of the last k rounds (models/): lr tuning averages their scores
     round_timeout: float = 600.0  # seconds to wait for the clients of one round
     proximal_mu: float = 0.01  # fedprox
     fixbn_round: int = 0  # fixbn: last round of plain FedAvg+BN before the statistics freeze; 0 = half of num-rounds
@@ -128,6 +129,7 @@ class FederationConfig(Section):
         self.check("fraction_evaluate", _fraction(self.fraction_evaluate, closed=True), "in [0, 1]")
         self.check("min_clients", self.min_clients >= 1, "at least 1")
         self.check("eval_every", self.eval_every >= 1, "at least 1")
+        self.check("keep_models", self.keep_models >= 0, "0 (off) or a number of rounds")
         self.check("round_timeout", self.round_timeout > 0.0, "positive (seconds)")
         self.check("proximal_mu", self.proximal_mu >= 0.0, "0 or more")
         self.check("fixbn_round", self.fixbn_round >= 0, "0 (half of num-rounds) or a round number")
@@ -153,6 +155,11 @@ class FederationConfig(Section):
         ``eval-every`` rounds and after the last, never when clients keep part of the model."""
         due = server_round % self.eval_every == 0 or server_round == self.num_rounds
         return due and not self.keeps_local_state
+
+    @property
+    def first_kept_round(self) -> int:
+        """The first round whose global model ``keep-models`` keeps (beyond the last round: none)."""
+        return self.num_rounds - self.keep_models + 1 if self.keep_models else self.num_rounds + 1
 
 
 @dataclass(frozen=True)
