@@ -55,6 +55,7 @@ def test_keep_models_keeps_the_global_model_of_each_of_the_last_rounds(tmp_path)
     _, plain, rec = _recorder(tmp_path / "plain")
     rec.round(3, test=(0.5, 0.5), train={}, evaluate={}, clients_trained=2, bytes_sent=10, checkpoint=({"w": torch.zeros(1)}, {}))
     assert plain.kept_models() == [] and not plain.models_dir.exists()
+    assert RunConfig.of(num_rounds=3, keep_models=5).federation.first_kept_round == 1  # more than the rounds: all
 
 
 def test_resume_keeps_rows_up_to_the_checkpoint_and_adds_up_elapsed_time(tmp_path):

@@ -283,9 +283,12 @@ def validation_score(path: str | Path) -> ValScore:
     predictions. Under FedBN each client's split is scored with that client's BatchNorm state as of
     the model's round.
     """
+    import torch
+
     from fedkn.app import task
-    from fedkn.local_state import local_keys
-    from fedkn.results import RunDir, load_checkpoint
+    from fedkn.local_state import local_keys, with_local
+    from fedkn.results import Checkpoint, RunDir, load_checkpoint, load_client_state
+    from fedkn.train import default_device, evaluate
 
     run = RunDir.open(path)
     cfg = run.read_config()
@@ -299,44 +302,35 @@ def validation_score(path: str | Path) -> ValScore:
     if not any(len(p) for p in parts):
         raise FedknError(f"the clients of '{path}' hold no validation samples; raise val-fraction or test-fraction")
     model = task.new_model(cfg, fed.train_set)
+    kept = local_keys(cfg.federation, model)
     initial = model.state_dict()  # a client never trained keeps the initial local state
-    fresh = {k: initial[k].clone() for k in local_keys(cfg.federation, model)}
-    scores = [_score_model(run, cfg, fed, parts, model, fresh, c) for c in checkpoints]
-    return ValScore(float(np.mean([a for a, _, _ in scores])), float(np.mean([loss for _, loss, _ in scores])),
-                    scores[0][2], source, len(scores))
-
-
-def _score_model(run: Any, cfg: RunConfig, fed: Any, parts: list[np.ndarray], model: Any,
-                 fresh: dict[str, Any], ckpt: Any) -> tuple[float, float, int]:
-    """(accuracy, loss, examples) of one checkpoint's global model on the validation indices;
-    ``fresh``: the initial client-local state (empty unless clients keep part of the model)."""
-    import torch
-
-    from fedkn.app import task
-    from fedkn.local_state import with_local
-    from fedkn.results import load_client_state
-    from fedkn.train import default_device, evaluate
-
-    kept = list(fresh)
+    fresh = {k: initial[k].clone() for k in kept}
     pre = task.preprocess(cfg, fed.train_set, train=False)
     device = default_device()
-    if not kept:
-        task.load_weights(model, dict(ckpt.model))
-        idx = np.sort(np.concatenate([np.asarray(p) for p in parts]))
-        r = evaluate(model, fed.train_set, idx, cfg.train.eval_batch_size, device, pre)
-        return r.accuracy, r.loss, r.num_examples
-    loss_sum, correct, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for pid, idx in enumerate(parts):
-            if len(idx) == 0:
-                continue
-            local = load_client_state(run.client_state_dir, pid, ckpt.round) or fresh
-            task.load_weights(model, with_local(dict(ckpt.model), local, kept))
-            r = evaluate(model, fed.train_set, idx, cfg.train.eval_batch_size, device, pre)
-            loss_sum += r.loss * r.num_examples
-            correct += r.accuracy * r.num_examples
-            n += r.num_examples
-    return correct / n, loss_sum / n, n
+    pooled = np.sort(np.concatenate([np.asarray(p) for p in parts]))
+
+    def score(ckpt: Checkpoint) -> tuple[float, float, int]:
+        """(accuracy, loss, examples) of one global model."""
+        if not kept:
+            task.load_weights(model, dict(ckpt.model))
+            r = evaluate(model, fed.train_set, pooled, cfg.train.eval_batch_size, device, pre)
+            return r.accuracy, r.loss, r.num_examples
+        loss_sum, correct, n = 0.0, 0.0, 0
+        with torch.no_grad():
+            for pid, idx in enumerate(parts):
+                if len(idx) == 0:
+                    continue
+                local = load_client_state(run.client_state_dir, pid, ckpt.round) or fresh
+                task.load_weights(model, with_local(dict(ckpt.model), local, kept))
+                r = evaluate(model, fed.train_set, idx, cfg.train.eval_batch_size, device, pre)
+                loss_sum += r.loss * r.num_examples
+                correct += r.accuracy * r.num_examples
+                n += r.num_examples
+        return correct / n, loss_sum / n, n
+
+    scores = [score(c) for c in checkpoints]
+    return ValScore(float(np.mean([a for a, _, _ in scores])), float(np.mean([loss for _, loss, _ in scores])),
+                    scores[0][2], source, len(scores))
 
 
 def write_point(path: Path, point: TunePoint) -> None:
@@ -421,8 +415,8 @@ def tune(
         extra["val_fraction"] = spec.val_fraction
 
     # A group's runs average as many models as its runs scored earlier at this length did.
-    scored = [p for p in load_points(tune_root) if p.seed == spec.seed and planned_rounds(tune_root / p.run) == spec.rounds]
-    models = {} if force else {(p.norm, p.partition): p.val_models for p in scored}
+    models = {} if force else {(p.norm, p.partition): p.val_models for p in load_points(tune_root)
+                               if p.seed == spec.seed and planned_rounds(tune_root / p.run) == spec.rounds}
 
     def job(norm: str, partition: str, lr: float) -> tuple[str, Cell, RunConfig, Path] | None:
         """The tuning run of one lr, or None when it is scored already at this length."""

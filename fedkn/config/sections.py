@@ -158,8 +158,8 @@ class FederationConfig(Section):
 
     @property
     def first_kept_round(self) -> int:
-        """The first round whose global model ``keep-models`` keeps (beyond the last round: none)."""
-        return self.num_rounds - self.keep_models + 1 if self.keep_models else self.num_rounds + 1
+        """The first round whose global model ``keep-models`` keeps (num-rounds + 1, none, when 0)."""
+        return max(1, self.num_rounds - self.keep_models + 1)
 
 
 @dataclass(frozen=True)
