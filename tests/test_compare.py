@@ -19,6 +19,7 @@ from fedkn.compare.grid import (
     cell_config,
     cell_state,
     expand_grid,
+    parse_eval_every,
     parse_norms,
     parse_only,
     parse_partitions,
@@ -119,6 +120,29 @@ def test_grid_option_parsing() -> None:
                     ("kn,kn", parse_norms), ("dir0.1,dirichlet:alpha=0.1", parse_partitions), ("zz", parse_partitions)):
         with pytest.raises(FedknError):
             fn(bad)
+
+
+def test_eval_every_maps_grid_partitions_to_their_cadence() -> None:
+    parts = ["iid", "dir0.1", "2cls"]
+    assert parse_eval_every([], parts) == {}
+    assert parse_eval_every(["dir0.1=1", "shards:classes_per_client=2=2"], parts) == {"dir0.1": 1, "2cls": 2}
+    assert parse_eval_every(["dirichlet:alpha=0.1=3"], parts) == {"dir0.1": 3}  # the last '=' splits off K
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["1"], r"expects PARTITION=K \(e.g. dir0.1=1\), got '1'; for every partition use --set eval-every=K"),
+        (["dir0.1=x"], "K must be a whole number of rounds, got 'x'"),
+        (["dir0.1=0"], "K must be at least 1"),
+        (["dir0.3=1"], r"'dir0.3' is not one of --partitions \(iid,dir0.1\)"),
+        (["zz=1"], "--eval-every zz=1: "),
+        (["dir0.1=1", "dirichlet:alpha=0.1=2"], "names partition 'dir0.1' twice"),
+    ],
+)
+def test_eval_every_errors(specs: list[str], message: str) -> None:
+    with pytest.raises(FedknError, match=message):
+        parse_eval_every(specs, ["iid", "dir0.1"])
 
 
 def test_cell_config_changes_only_the_cell_keys() -> None:
@@ -485,6 +509,7 @@ def test_report_rebuilds_tables_csv_plots_and_tuning(tmp_path: Path, capsys: pyt
         (["compare", "--tune-rounds", "2", "--dry-run"], "only apply with --lr-grid"),
         (["compare", "--lr-grid", "0.1,0.2", "--val-fraction", "1", "--dry-run"], "--val-fraction must be in [0, 1)"),
         (["compare", "--target", "1.5", "--dry-run"], "--target"),
+        (["compare", "--partitions", "iid", "--eval-every", "dir0.1=1", "--dry-run"], "is not one of --partitions (iid)"),
         (["compare", "--set", "batch-size=1", "--norms", "kn,bn", "--dry-run"], "batch-size 1"),
         (["report", "/nonexistent/dir"], "does not exist"),
     ],
@@ -519,6 +544,10 @@ def test_dry_run_lists_cells_and_tuning(capsys: pytest.CaptureFixture[str], tmp_
     cells = [line for line in out.splitlines() if line.strip().startswith("cell ")]
     assert len(cells) == 4 and all("seed 1" in c for c in cells) and "cell kn iid seed 1" in out
     assert not (tmp_path / "x").exists()
+    # --eval-every gives one partition's cells their own test-set cadence; the others keep the base one
+    assert main([*args, "--eval-every", "dir0.1=1"]) == 0
+    cells = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("cell ")]
+    assert [("(eval-every 1)" in c, "dir0.1" in c) for c in cells] == [(False, False), (False, False), (True, True), (True, True)]
 
 
 def test_help_documents_the_grid(capsys: pytest.CaptureFixture[str]) -> None:

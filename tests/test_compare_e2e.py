@@ -1,6 +1,6 @@
 """``fedkn compare`` end to end on tiny settings: a quick grid, resume, rebuild, --only re-run, tuning.
 
-Seven short simulations in all (each starts its own Ray instance): 4 grid cells, 1 re-run, 2
+Eight short simulations in all (each starts its own Ray instance): 4 grid cells, 2 re-runs, 2
 tuning runs. Tiny: ResNet-8 at width 0.125, 3 clients, 3 local steps, 2 rounds.
 """
 
@@ -77,6 +77,26 @@ def test_only_rerun_reproduces_committed_metrics(grid_dir: Path, tmp_path: Path)
     fresh = _metrics(out / RUNS_DIR / "gn_iid_s1")
     committed = _metrics(grid_dir / RUNS_DIR / "gn_iid_s1")
     assert [{k: r[k] for k in EXACT} for r in fresh] == [{k: r[k] for k in EXACT} for r in committed]
+
+
+def test_eval_every_of_a_partition_changes_the_scored_rounds_not_training(grid_dir: Path, tmp_path: Path) -> None:
+    """The grid's kn iid seed-0 cell again, with --eval-every iid=2: the test set is scored at rounds
+    0 and 2 only, every training and federated-evaluation figure is the committed one, and the report
+    and compare.json record the cadence."""
+    from fedkn.results import RunDir
+
+    out = tmp_path / "every"
+    assert main([*GRID, "--partitions", "iid,dir0.5", "--eval-every", "iid=2", "--out", str(out), "--target", "0.3",
+                 "--only", "norm=kn,partition=iid,seed=0"]) == 0
+    assert RunDir(out / RUNS_DIR / "kn_iid_s0").read_config().federation.eval_every == 2
+    fresh, committed = _metrics(out / RUNS_DIR / "kn_iid_s0"), _metrics(grid_dir / RUNS_DIR / "kn_iid_s0")
+    assert [r["test_accuracy"] != "nan" for r in fresh] == [True, False, True]
+    assert [r["test_accuracy"] for r in fresh[::2]] == [r["test_accuracy"] for r in committed[::2]]
+    same = [k for k in EXACT if not k.startswith("test_")]
+    assert [{k: r[k] for k in same} for r in fresh] == [{k: r[k] for k in same} for r in committed]
+    assert json.loads((out / "compare.json").read_text())["eval_every"] == {"iid": 2}
+    text = (out / "report.md").read_text()
+    assert "eval-every 1 (iid: 2)" in text and "--eval-every iid=2" in text
 
 
 def test_validation_score_is_the_held_out_federated_score(grid_dir: Path) -> None:

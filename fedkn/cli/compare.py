@@ -115,6 +115,11 @@ def register(subparsers: Any) -> None:
     b.add_argument("--config", metavar="FILE", help="preset TOML file, e.g. configs/compare-digits.toml")
     b.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable); norm, partition, seed, name and output-dir come from the grid")
+    b.add_argument("--eval-every", dest="eval_every", action="append", default=[], metavar="PARTITION=K",
+                   help="score the global test set every K rounds in that partition's cells instead of the base "
+                        "eval-every (repeatable), e.g. dir0.1=1: under label skew one round's test accuracy swings by "
+                        "points, so the headline window needs more evaluations. Only which rounds are scored changes, "
+                        "never training; every norm of a partition shares it; tuning runs are scored on validation")
     t = p.add_argument_group("learning-rate tuning (on a validation split, never the test set)")
     t.add_argument("--lr-grid", metavar="LRS",
                    help="learning rates to try: a comma list (0.01,0.03,0.1) or log:LOW:HIGH:COUNT (log:0.005:0.2:5)")
@@ -148,6 +153,8 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--config", args.config]
     for s in args.sets:
         parts += ["--set", s]
+    for e in args.eval_every:
+        parts += ["--eval-every", e]
     parts += ["--norms", args.norms, "--partitions", args.partitions, "--seeds", str(args.seeds)]
     if args.lr_grid:
         parts += ["--lr-grid", args.lr_grid]
@@ -193,24 +200,34 @@ def _tune_spec(args: argparse.Namespace, base: RunConfig, partitions: list[str],
 
 
 def _cell_jobs(base: RunConfig, cells: list[Any], spec: TuneSpec | None, lrs: dict[tuple[str, str], float],
-               out: Path) -> list[tuple[str, Any, RunConfig, Path]]:
-    """The grid's run jobs, each cell at its tuned lr (the base lr without tuning)."""
-    from fedkn.compare.grid import RUNS_DIR, cell_config
+               eval_every: dict[str, int], out: Path) -> list[tuple[str, Any, RunConfig, Path]]:
+    """The grid's run jobs, each cell at its tuned lr (the base lr without tuning) and its partition's
+    evaluation cadence (``--eval-every``)."""
+    from fedkn.compare.grid import RUNS_DIR
 
     jobs = []
     for c in cells:
         if spec is not None:
             c = type(c)(c.norm, c.partition, c.seed, lrs[(c.norm, spec.group_partition(c.partition))])
-        jobs.append(("cell", c, cell_config(base, c, output_dir=out / RUNS_DIR), out / RUNS_DIR / c.name))
+        jobs.append(("cell", c, _cell_config(base, c, eval_every, output_dir=out / RUNS_DIR), out / RUNS_DIR / c.name))
     return jobs
+
+
+def _cell_config(base: RunConfig, cell: Any, eval_every: dict[str, int], **kwargs: Any) -> RunConfig:
+    """A cell's config: ``cell_config`` plus its partition's ``--eval-every``, if it has one."""
+    from fedkn.compare.grid import cell_config
+
+    if cell.partition in eval_every:
+        kwargs["eval_every"] = eval_every[cell.partition]
+    return cell_config(base, cell, **kwargs)
 
 
 def compare_command(args: argparse.Namespace) -> int:
     from fedkn.compare.grid import (
         RUNS_DIR,
-        cell_config,
         expand_grid,
         fmt_duration,
+        parse_eval_every,
         parse_norms,
         parse_partitions,
         parse_seeds,
@@ -224,6 +241,7 @@ def compare_command(args: argparse.Namespace) -> int:
     norms = parse_norms(args.norms)
     partitions = parse_partitions(args.partitions)
     seeds = parse_seeds(args.seeds)
+    eval_every = parse_eval_every(args.eval_every, partitions)
     if not 0.0 < args.target <= 1.0:
         raise FedknError(f"--target must be an accuracy in (0, 1], got {args.target:g}")
     if args.stop_after is not None and not args.stop_after > 0:
@@ -232,7 +250,7 @@ def compare_command(args: argparse.Namespace) -> int:
     selected = select(cells, args.only)
     out = Path(args.out)
     for c in cells:  # every cell's config must be valid (e.g. batch-size 1 with bn)
-        cell_config(base, c)
+        _cell_config(base, c, eval_every)
 
     spec = _tune_spec(args, base, partitions, seeds)
     groups = list(dict.fromkeys((c.norm, spec.group_partition(c.partition)) for c in selected)) if spec else []
@@ -249,7 +267,8 @@ def compare_command(args: argparse.Namespace) -> int:
             print(f"  tune {norm} on {part}: lr {', '.join(f'{v:g}' for v in spec.grid)} ({spec.rounds} rounds, seed {spec.seed}; "
                   "more lrs if the choice is at an edge)")
         for c in selected:
-            print(f"  cell {c.label()} -> {out / RUNS_DIR / c.name}")
+            every = f" (eval-every {eval_every[c.partition]})" if c.partition in eval_every else ""
+            print(f"  cell {c.label()}{every} -> {out / RUNS_DIR / c.name}")
         return 0
 
     try:
@@ -258,12 +277,12 @@ def compare_command(args: argparse.Namespace) -> int:
         raise FedknError(f"cannot create '{out}': {err.strerror or err}") from None
     write_meta(out, {
         "command": canonical_command(args), "norms": norms, "partitions": partitions, "seeds": seeds, "target": args.target,
-        "base_config": base.to_flower(),
+        "base_config": base.to_flower(), "eval_every": eval_every,
         "tuning": None if spec is None else {"grid": list(spec.grid), "rounds": spec.rounds, "seed": spec.seed, "on": spec.on},
     })
 
     t0 = time.perf_counter()
-    results = _run(args, base, selected, spec, groups, out)
+    results = _run(args, base, selected, spec, groups, eval_every, out)
     if results is None:
         return 0
     report = build_report(out)
@@ -275,7 +294,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, base: Any, selected: list[Any], spec: TuneSpec | None, groups: list[tuple[str, str]],
-         out: Path) -> list[tuple[Any, Path, str]] | None:
+         eval_every: dict[str, int], out: Path) -> list[tuple[Any, Path, str]] | None:
     """Tune (scored runs are reused), then run the cells; None when --stop-after stopped it."""
     from fedkn.compare.grid import Deadline, TimeBudgetSpent, run_cells
 
@@ -287,7 +306,7 @@ def _run(args: argparse.Namespace, base: Any, selected: list[Any], spec: TuneSpe
 
             choices = tune(base, groups, spec, out, verbose=args.verbose, deadline=deadline)
             lrs = {k: c.lr for k, c in choices.items()}
-        return run_cells(_cell_jobs(base, selected, spec, lrs, out), force=args.force, verbose=args.verbose,
+        return run_cells(_cell_jobs(base, selected, spec, lrs, eval_every, out), force=args.force, verbose=args.verbose,
                          deadline=deadline)
     except TimeBudgetSpent as stop:
         print(f"fedkn compare: stopped: {stop}; rerun the same command to continue (finished runs are kept)", flush=True)

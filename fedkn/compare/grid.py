@@ -132,6 +132,38 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     return values
 
 
+def parse_eval_every(specs: Sequence[str], partitions: Sequence[str]) -> dict[str, int]:
+    """``--eval-every dir0.1=1`` (repeatable) -> {grid partition: k}, the partitions whose cells score
+    the global test set every k rounds instead of the base config's ``eval-every``.
+
+    Keyed by the partition as ``--partitions`` spells it (``dirichlet:alpha=0.1=1`` names ``dir0.1``
+    too). Only the evaluation cadence differs: it changes which rounds are scored, not training.
+    """
+    by_canon = {canonical_partition(p): p for p in partitions}
+    out: dict[str, int] = {}
+    for spec in specs:
+        part, eq, value = spec.strip().rpartition("=")
+        if not eq or not part.strip():
+            raise FedknError(f"--eval-every expects PARTITION=K (e.g. dir0.1=1), got '{spec}'; "
+                             "for every partition use --set eval-every=K")
+        try:
+            k = int(value)
+        except ValueError:
+            raise FedknError(f"--eval-every {spec}: K must be a whole number of rounds, got '{value}'") from None
+        if k < 1:
+            raise FedknError(f"--eval-every {spec}: K must be at least 1")
+        try:
+            canon = canonical_partition(part)
+        except FedknError as err:
+            raise FedknError(f"--eval-every {spec}: {err}") from None
+        if canon not in by_canon:
+            raise FedknError(f"--eval-every {spec}: '{part.strip()}' is not one of --partitions ({','.join(partitions)})")
+        if by_canon[canon] in out:
+            raise FedknError(f"--eval-every names partition '{by_canon[canon]}' twice")
+        out[by_canon[canon]] = k
+    return out
+
+
 def expand_grid(norms: Sequence[str], partitions: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
     """All cells, seed-major (a stopped sweep has whole seeds done), then partition, then norm."""
     return [Cell(n, p, s) for s in seeds for p in partitions for n in norms]

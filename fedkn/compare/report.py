@@ -581,6 +581,8 @@ def _intro_markdown(meta: Mapping[str, Any], base: Mapping[str, Any], finished: 
         if meta.get("tuning"):
             keys = tuple(k for k in keys if k != "lr")  # per cell, tuned (see the tables)
         shown = ", ".join(f"{k} {base[k]}" for k in keys if k in base)
+        if overrides := meta.get("eval_every"):
+            shown += " (" + ", ".join(f"{p}: {k}" for p, k in overrides.items()) + ")"
         out += [(f"Setup: {shown}. Everything else is identical across cells; all cells of a seed share "
                 "partition, initialization seed and client sampling."), ""]
     seeds = sorted({r.seed for r in finished})
@@ -603,8 +605,8 @@ def _intro_markdown(meta: Mapping[str, Any], base: Mapping[str, Any], finished: 
         f"- **rounds / s to {100 * target:.0f}%**: first round reaching the target and the wall seconds of rounds 1 "
         "to it (their round times summed: training + evaluation, without Ray's start-up and round 0), mean over "
         "the seeds that reached it"
-        + (f" (the global test set is scored every {every} rounds, so the test column counts in steps of {every}; "
-           "the clients' column is scored every round)." if (every := int(base.get("eval-every", 1) or 1)) > 1 else "."),
+        + (" (the test column counts in steps of eval-every, the rounds the global test set is scored at; the "
+           "clients' column is scored every round)." if any(r.eval_every > 1 for r in finished) else "."),
         ("- **s/round**: median wall time per round on this (shared) machine, training + evaluation, mean over seeds; "
         "**MB/round**: model arrays sent server->clients and back per round (training and federated evaluation)."),
         "- **norms**: " + norm_legend(norms) + ".",
