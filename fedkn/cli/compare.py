@@ -203,28 +203,20 @@ def _cell_jobs(base: RunConfig, cells: list[Any], spec: TuneSpec | None, lrs: di
                eval_every: dict[str, int], out: Path) -> list[tuple[str, Any, RunConfig, Path]]:
     """The grid's run jobs, each cell at its tuned lr (the base lr without tuning) and its partition's
     evaluation cadence (``--eval-every``)."""
-    from fedkn.compare.grid import RUNS_DIR
+    from fedkn.compare.grid import RUNS_DIR, cell_config
 
     jobs = []
     for c in cells:
         if spec is not None:
             c = type(c)(c.norm, c.partition, c.seed, lrs[(c.norm, spec.group_partition(c.partition))])
-        jobs.append(("cell", c, _cell_config(base, c, eval_every, output_dir=out / RUNS_DIR), out / RUNS_DIR / c.name))
+        jobs.append(("cell", c, cell_config(base, c, partition_eval_every=eval_every, output_dir=out / RUNS_DIR), out / RUNS_DIR / c.name))
     return jobs
-
-
-def _cell_config(base: RunConfig, cell: Any, eval_every: dict[str, int], **kwargs: Any) -> RunConfig:
-    """A cell's config: ``cell_config`` plus its partition's ``--eval-every``, if it has one."""
-    from fedkn.compare.grid import cell_config
-
-    if cell.partition in eval_every:
-        kwargs["eval_every"] = eval_every[cell.partition]
-    return cell_config(base, cell, **kwargs)
 
 
 def compare_command(args: argparse.Namespace) -> int:
     from fedkn.compare.grid import (
         RUNS_DIR,
+        cell_config,
         expand_grid,
         fmt_duration,
         parse_eval_every,
@@ -250,7 +242,7 @@ def compare_command(args: argparse.Namespace) -> int:
     selected = select(cells, args.only)
     out = Path(args.out)
     for c in cells:  # every cell's config must be valid (e.g. batch-size 1 with bn)
-        _cell_config(base, c, eval_every)
+        cell_config(base, c, partition_eval_every=eval_every)
 
     spec = _tune_spec(args, base, partitions, seeds)
     groups = list(dict.fromkeys((c.norm, spec.group_partition(c.partition)) for c in selected)) if spec else []

@@ -17,7 +17,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,8 +224,12 @@ def select(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
 # --------------------------------------------------------------------------------------------------
 
 
-def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_dir: Path | str | None = None, **changes: Any) -> RunConfig:
-    """``base`` with the cell's norm, partition, seed (and lr); everything else identical."""
+def cell_config(base: RunConfig, cell: Cell, *, name: str | None = None, output_dir: Path | str | None = None,
+                partition_eval_every: Mapping[str, int] | None = None, **changes: Any) -> RunConfig:
+    """``base`` with the cell's norm, partition, seed (and lr), and its partition's test-set cadence
+    from ``partition_eval_every`` (``--eval-every``) where that names it; everything else identical."""
+    if partition_eval_every and cell.partition in partition_eval_every:
+        changes["eval_every"] = partition_eval_every[cell.partition]
     values = base.to_flower()
     strategy = base.federation.strategy
     values.update(
