@@ -176,7 +176,7 @@ NORMS: dict[str, NormSpec] = {
     ),
     "bn": NormSpec("BatchNorm2d: batch statistics and running averages", False, False, {},
                    layer=lambda c, o: nn.BatchNorm2d(c)),
-    "gn": NormSpec("GroupNorm, 32 channels per group by default", False, True,
+    "gn": NormSpec("GroupNorm, 32 channels per group at width 1 (group count kept under a width multiplier)", False, True,
                    {"group_size": 32, "groups": None}, layer=_group_norm),
     "ln": NormSpec("LayerNorm over C,H,W (GroupNorm with 1 group)", False, True, {},
                    layer=lambda c, o: nn.GroupNorm(1, c)),
